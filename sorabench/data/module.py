@@ -1,0 +1,105 @@
+"""One LightningDataModule for every dataset (`data=shapes` or `data=folder`), with seeded, worker-safe loading.
+
+Batches are dicts: `video` (B, 3, T, H, W) in [-1, 1], `caption` list[str], `labels` (B, 5) attribute labels
+(-1 where a dataset has none), `unseen` (B,) held-out composition flags, and, for `folder`, `skipped` (reasons of
+samples dropped under `on_error: skip`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import torch
+from rich.console import Console
+
+from sorabench.config import require
+from sorabench.data.folder import FolderConfig, FolderDataset, collate_skipping
+from sorabench.data.shapes import ShapesConfig, ShapesDataset
+
+LOADER_FIELDS = ("name", "batch_size", "num_workers")
+
+
+def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:
+    """The dataset's own config from the `data` config group (loader fields removed); validates field names."""
+    fields = {k: v for k, v in data_cfg.items() if k not in LOADER_FIELDS}
+    cls = {"shapes": ShapesConfig, "folder": FolderConfig}.get(data_cfg.get("name"))
+    require(cls is not None, "data.name", data_cfg.get("name"), "must be 'shapes' or 'folder'")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in fields.items():
+        require(key in defaults, f"data.{key}", value, f"not a field of the {data_cfg['name']} dataset")
+        if isinstance(defaults[key], (int, float)) and not isinstance(defaults[key], bool):
+            number_type = type(defaults[key])
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            require(ok and (number_type is float or float(value).is_integer()), f"data.{key}", value,
+                    f"must be {'an integer' if number_type is int else 'a number'}")
+            fields[key] = number_type(value)
+    for key in ("batch_size", "num_workers"):
+        value = data_cfg.get(key, 1)
+        require(isinstance(value, int) and value >= (1 if key == "batch_size" else 0), f"data.{key}", value,
+                "must be a non-negative integer (batch_size >= 1)")
+    return cls(**fields)
+
+
+def build_dataset(data_cfg: dict, split: str, train: bool | None = None) -> torch.utils.data.Dataset:
+    cfg = dataset_config(data_cfg)
+    if isinstance(cfg, ShapesConfig):
+        return ShapesDataset(cfg, split)
+    return FolderDataset(cfg, split, train=train)
+
+
+class VideoDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg: dict):
+        super().__init__()
+        self.data_cfg = dict(data_cfg)
+        self.batch_size = int(data_cfg.get("batch_size", 32))
+        self.num_workers = int(data_cfg.get("num_workers", 0))
+        self.datasets: dict[str, torch.utils.data.Dataset] = {}
+
+    def dataset(self, split: str) -> torch.utils.data.Dataset:
+        if split not in self.datasets:
+            self.datasets[split] = build_dataset(self.data_cfg, split)
+        return self.datasets[split]
+
+    def loader(self, split: str, shuffle: bool, drop_last: bool = False) -> torch.utils.data.DataLoader:
+        # The generator is seeded from the global RNG, which `seed_everything(seed, workers=True)` sets, so the
+        # shuffle order and each worker's augmentation stream are reproducible.
+        seed = int(torch.randint(2**31 - 1, (1,)))
+        return torch.utils.data.DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping if self.data_cfg.get("name") == "folder" else None,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True, drop_last=len(self.dataset("train")) > self.batch_size)
+
+    def val_dataloader(self):
+        return self.loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self.loader("test", shuffle=False)
+
+
+class SkippedSamplesReport(L.Callback):
+    """Counts samples dropped under `on_error: skip` and reports them at the end of each epoch."""
+
+    def __init__(self):
+        self.reasons: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.reasons.extend(batch.get("skipped", []))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.reasons:
+            console = Console(stderr=True)
+            console.print(f"[yellow]epoch {trainer.current_epoch}: skipped {len(self.reasons)} bad samples:")
+            for reason in sorted(set(self.reasons)):
+                console.print(f"  {reason}")
+            pl_module.log("data/skipped", float(len(self.reasons)))
+        self.reasons = []

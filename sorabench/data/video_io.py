@@ -1,0 +1,105 @@
+"""Reading and writing video files with PyAV (it bundles FFmpeg: H.264, VP9, AV1 and GIF all work offline).
+
+Videos in memory are float tensors (C, T, H, W) in [-1, 1]; on disk they are uint8 RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+
+def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """(C, T, H, W) in [-1, 1] -> (T, H*scale, W*scale, 3) uint8; `scale` upsamples by pixel repetition for viewing."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a video of shape (3, T, H, W), got {tuple(video.shape)}")
+    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = frames.permute(1, 2, 3, 0)  # T, H, W, C
+    if scale > 1:
+        frames = frames.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return frames.numpy()
+
+
+def write_video(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
+    """Write an H.264 mp4 (yuv420p, near-lossless CRF) that any player opens."""
+    frames = to_uint8_frames(video, scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:  # yuv420p needs even sizes; pad with the edge rather than crop content away
+        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_gif(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
+    """Write a looping GIF (8-bit palette per frame)."""
+    frames = to_uint8_frames(video, scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb8"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+class VideoReadError(RuntimeError):
+    """A video file could not be decoded as needed; the message names the file and the reason."""
+
+
+def probe(path: str | Path) -> dict:
+    """Metadata of a video file without decoding it all: frames (may be an estimate), fps, width, height."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+            frames = stream.frames
+            if not frames and stream.duration and stream.time_base and fps:
+                frames = int(round(float(stream.duration * stream.time_base) * fps))
+            return {"frames": int(frames or 0), "fps": fps, "width": stream.width, "height": stream.height}
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+
+
+def read_frames(path: str | Path, max_frames: int | None = None) -> tuple[torch.Tensor, float | None]:
+    """Decode frames from the start of a file: uint8 (T, H, W, 3) and the stream's fps.
+
+    Decoding stops after `max_frames` frames. A decoding error anywhere in that range raises VideoReadError, so a
+    truncated file is an error, not a short clip of zeros.
+    """
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except VideoReadError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoReadError(f"{path}: unreadable after {len(frames)} frames ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise VideoReadError(f"{path}: no decodable frames")
+    return torch.from_numpy(np.stack(frames)), fps

@@ -1,0 +1,105 @@
+"""MLflow conventions: where runs go, how a resumed run continues the same MLflow run, what every run logs.
+
+The embedded default store is `sqlite:///<outputs>/mlflow.db` (MLflow 3 refuses the old `./mlruns` file store);
+an `http(s)://` URI of an `mlflow server` works the same and is checked for reachability up front.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+from sorabench.config import ConfigError, flatten, to_container
+
+RUN_ID_FILE = "mlflow_run.json"
+
+
+def check_tracking_uri(uri: str, timeout: float = 3.0):
+    """Fail fast, naming the URI, if a tracking server cannot be reached (instead of MLflow's long retries)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" or (parsed.scheme == "" and uri):
+        raise ConfigError(f"mlflow.tracking_uri={uri!r}: MLflow 3 refuses file stores; use sqlite:///path/mlflow.db")
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot reach the tracking server ({e})") from e
+    elif parsed.scheme.startswith("sqlite"):
+        Path(uri.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("sorabench", "torch", "lightning", "torchmetrics", "mlflow", "optuna", "hydra-core"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | None = None):
+    """An MLFlowLogger for this run, or None when `mlflow.enabled=false`.
+
+    The run id is stored in the run directory, so running the same command again (a resume after a crash)
+    continues the same MLflow run and its metric steps instead of opening a new one.
+    """
+    if not cfg.mlflow.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / RUN_ID_FILE
+    run_id = json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None
+    all_tags = {"command": cfg.command, "git_commit": git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    logger = MLFlowLogger(
+        experiment_name=cfg.mlflow.experiment,
+        run_name=cfg.name,
+        tracking_uri=cfg.mlflow.tracking_uri,
+        tags=all_tags,
+        run_id=run_id,
+    )
+    if run_id is None:
+        id_file.write_text(json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))
+        log_config(logger, cfg)
+    return logger
+
+
+def log_config(logger, cfg: DictConfig):
+    """The full resolved config flattened to params, plus the YAML as an artifact."""
+    params = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(to_container(cfg)).items()}
+    logger.log_hyperparams(params)
+    path = Path(cfg.run_dir) / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger.experiment.log_artifact(logger.run_id, str(path))
+    logger.experiment.set_tag(logger.run_id, "package_versions", json.dumps(package_versions()))
+
+
+def log_artifact(logger, path: str | Path, artifact_path: str | None = None):
+    """Log a file to the run behind a Lightning logger; a no-op without an MLflow logger."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)

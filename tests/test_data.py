@@ -1,0 +1,193 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sorabench.config import ConfigError
+from sorabench.data.folder import DataError, FolderConfig, FolderDataset, collate_skipping
+from sorabench.data.module import VideoDataModule, dataset_config
+from sorabench.data.shapes import (
+    ATTRIBUTE_NAMES,
+    ATTRIBUTES,
+    TEMPLATES,
+    ShapesConfig,
+    caption_for,
+    heldout_triples,
+    make_split,
+    parse_caption,
+)
+from sorabench.data.video_io import VideoReadError, read_frames, write_gif, write_video
+
+SMALL = {"train": 64, "val": 32, "test": 32, "unseen": 16}
+
+
+def small_cfg(**kw):
+    return ShapesConfig(split_sizes=SMALL, **kw)
+
+
+def test_shapes_is_deterministic_and_seed_dependent():
+    a, b = make_split(small_cfg(), "train"), make_split(small_cfg(), "train")
+    assert torch.equal(a.videos, b.videos) and a.captions == b.captions and torch.equal(a.labels, b.labels)
+    c = make_split(small_cfg(seed=1), "train")
+    assert not torch.equal(a.videos, c.videos)
+
+
+def test_shapes_clip_format_and_content():
+    s = make_split(small_cfg(num_frames=16, height=32, width=48), "val")
+    assert s.videos.shape == (32, 3, 16, 32, 48) and s.videos.dtype == torch.uint8
+    # the object's colour is present, and it moves between first and last frame
+    first, last = s.videos[:, :, 0].float(), s.videos[:, :, -1].float()
+    assert (first - last).abs().amax(dim=(1, 2, 3)).min() > 50
+    # anti-aliased: edge pixels take intermediate values
+    values = s.videos.unique()
+    assert len(values) > 20
+
+
+@pytest.mark.parametrize("template", range(len(TEMPLATES)))
+def test_every_template_caption_parses_back_to_its_labels(template, monkeypatch):
+    import sorabench.data.shapes as shapes
+
+    monkeypatch.setattr(shapes, "TEMPLATES", [TEMPLATES[template]])
+    g = torch.Generator().manual_seed(template)
+    sizes = [len(v) for v in ATTRIBUTES.values()]
+    for _ in range(200):
+        labels = torch.stack([torch.randint(k, (1,), generator=g) for k in sizes], dim=-1)
+        caption = caption_for(labels, g)
+        assert parse_caption(caption) == [dict(zip(ATTRIBUTE_NAMES, labels[0].tolist()))], caption
+
+
+def test_two_object_captions_are_joined_with_and():
+    s = make_split(small_cfg(num_objects=2), "train")
+    assert all(" and " in c for c in s.captions)
+    parsed = parse_caption(s.captions[0])
+    assert parsed == [dict(zip(ATTRIBUTE_NAMES, obj.tolist())) for obj in s.labels[0]]
+
+
+def test_unseen_compositions_never_in_train_and_flagged_in_eval():
+    cfg = ShapesConfig(split_sizes={"train": 2000, "val": 400, "unseen": 100})
+    held = heldout_triples(cfg)
+    assert 0 < held.sum() < held.numel()
+
+    def is_held(labels):
+        return held[labels[:, 0], labels[:, 1], labels[:, 3]]
+
+    train = make_split(cfg, "train")
+    assert not is_held(train.labels[:, 0]).any() and not train.unseen.any()
+    val = make_split(cfg, "val")
+    assert torch.equal(is_held(val.labels[:, 0]), val.unseen) and 0 < val.unseen.sum() < len(val.unseen)
+    assert make_split(cfg, "unseen").unseen.all()
+
+
+def test_dataset_config_rejects_unknown_field_and_bad_type():
+    with pytest.raises(ConfigError, match="data.bogus"):
+        dataset_config({"name": "shapes", "bogus": 1})
+    with pytest.raises(ConfigError, match="data.num_frames"):
+        dataset_config({"name": "shapes", "num_frames": "abc"})
+    with pytest.raises(ConfigError, match="data.num_objects"):
+        dataset_config({"name": "shapes", "num_objects": 3})
+
+
+def test_datamodule_batches():
+    dm = VideoDataModule({"name": "shapes", "split_sizes": SMALL, "batch_size": 8})
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (8, 3, 8, 32, 32)
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    assert batch["labels"].shape == (8, 5) and len(batch["caption"]) == 8 and batch["unseen"].dtype == torch.bool
+
+
+# ---- folder dataset -------------------------------------------------------------------------------------------
+
+
+def moving_square(t=12, h=40, w=56):
+    video = -torch.ones(3, t, h, w)
+    for i in range(t):
+        video[0, i, 10:20, 2 + 3 * i : 12 + 3 * i] = 1.0
+    return video
+
+
+@pytest.fixture
+def video_folder(tmp_path):
+    write_video(tmp_path / "a.mp4", moving_square())
+    (tmp_path / "sub").mkdir()
+    write_gif(tmp_path / "sub" / "b.gif", moving_square())
+    write_video(tmp_path / "short.mp4", moving_square(t=3))
+    rows = [{"video": "a.mp4", "caption": "a red square moving right"}, {"video": "sub/b.gif", "caption": "gif"}]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return tmp_path
+
+
+def folder_cfg(root, **kw):
+    return FolderConfig(root=str(root), num_frames=8, height=32, width=32, val_fraction=0.0, test_fraction=0.0, **kw)
+
+
+def test_folder_reads_mp4_and_gif_resized_and_cropped(video_folder):
+    ds = FolderDataset(folder_cfg(video_folder), "train", train=False)
+    assert len(ds) == 2
+    for item in (ds[0], ds[1]):
+        v = item["video"]
+        assert v.shape == (3, 8, 32, 32) and v.min() >= -1 and v.max() <= 1
+        assert v[0].max() > 0.5  # the red square survived decoding
+    assert {ds[0]["caption"], ds[1]["caption"]} == {"a red square moving right", "gif"}
+
+
+def test_folder_frame_stride_and_random_offset(video_folder):
+    cfg = folder_cfg(video_folder, frame_stride=1)
+    cfg.num_frames = 4
+    ds = FolderDataset(cfg, "train", train=True)
+    torch.manual_seed(0)
+    offsets = {float(ds[0]["video"][0, 0].argmax()) for _ in range(10)}
+    assert len(offsets) > 1  # training draws random temporal offsets
+
+
+def test_folder_csv_and_webvid_columns(tmp_path):
+    write_video(tmp_path / "123.mp4", moving_square())
+    (tmp_path / "meta.csv").write_text("videoid,name\n123,a red square\n")
+    ds = FolderDataset(folder_cfg(tmp_path), "train")
+    assert ds[0]["caption"] == "a red square"
+
+
+def test_folder_bad_inputs_name_the_culprit(video_folder, tmp_path_factory):
+    # caption entry for a missing file
+    (video_folder / "captions.jsonl").write_text('{"video": "nope.mp4", "caption": "x"}\n')
+    with pytest.raises(DataError, match="nope.mp4"):
+        FolderDataset(folder_cfg(video_folder), "train")
+    # missing caption field
+    (video_folder / "captions.jsonl").write_text('{"video": "a.mp4"}\n')
+    with pytest.raises(DataError, match="missing field 'caption'"):
+        FolderDataset(folder_cfg(video_folder), "train")
+    # too short
+    (video_folder / "captions.jsonl").write_text('{"video": "short.mp4", "caption": "x"}\n')
+    ds = FolderDataset(folder_cfg(video_folder), "train")
+    with pytest.raises(VideoReadError, match="short.mp4"):
+        ds[0]
+    # corrupt / truncated
+    data = (video_folder / "a.mp4").read_bytes()
+    (video_folder / "trunc.mp4").write_bytes(data[: len(data) // 3])
+    (video_folder / "captions.jsonl").write_text('{"video": "trunc.mp4", "caption": "x"}\n')
+    with pytest.raises(VideoReadError, match="trunc.mp4"):
+        FolderDataset(folder_cfg(video_folder), "train")[0]
+    # empty folder
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(DataError, match="no video files"):
+        FolderDataset(folder_cfg(empty), "train")
+
+
+def test_folder_skip_mode_counts_bad_samples(video_folder):
+    (video_folder / "captions.jsonl").write_text(
+        '{"video": "a.mp4", "caption": "ok"}\n{"video": "short.mp4", "caption": "x"}\n'
+        '{"video": "missing.mp4", "caption": "y"}\n'
+    )
+    ds = FolderDataset(folder_cfg(video_folder, on_error="skip"), "train")
+    assert len(ds.skipped) == 1 and "missing.mp4" in ds.skipped[0]
+    batch = collate_skipping([ds[0], ds[1]])
+    assert batch["video"].shape[0] == 1 and len(batch["skipped"]) == 1 and "short.mp4" in batch["skipped"][0]
+
+
+def test_video_io_round_trip(tmp_path):
+    v = moving_square()
+    write_video(tmp_path / "x.mp4", v)
+    frames, fps = read_frames(tmp_path / "x.mp4")
+    assert frames.shape == (12, 40, 56, 3) and fps == 8
+    decoded = torch.from_numpy(np.asarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert (decoded - v).abs().mean() < 0.05
