@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return int(result or 0)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

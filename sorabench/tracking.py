@@ -80,6 +80,7 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
         tracking_uri=cfg.mlflow.tracking_uri,
         tags=all_tags,
         run_id=run_id,
+        artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.mlflow.experiment}",
     )
     if run_id is None:
         id_file.write_text(json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))

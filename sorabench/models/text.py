@@ -220,7 +220,9 @@ class LearnedTextEncoder(nn.Module):
         self.index = {word: i for i, word in enumerate(self.vocab)}
 
 
-def build_text_encoder(name: str, captions: list[str] | None = None, **kwargs) -> MiniLMTextEncoder | LearnedTextEncoder:
+def build_text_encoder(
+    name: str, captions: list[str] | None = None, **kwargs
+) -> MiniLMTextEncoder | LearnedTextEncoder:
     """`name` from conf/text_encoder/<name>.yaml; `captions` (the training captions) build the learned vocabulary."""
     if name == "minilm":
         return MiniLMTextEncoder(**kwargs)

@@ -1,0 +1,654 @@
+"""`sorabench report`: compare text-conditioning strategies from the MLflow runs of a study.
+
+Reads one MLflow experiment (one per study): the study's parent run (tags `sorabench.role=study`,
+`sorabench.study=<study>`) and its child runs, one per Optuna trial (tag `mlflow.parentRunId`, tag
+`sorabench.strategy` or param `conditioning.name`, param `seed`, tags `optuna.trial_number`, `optuna.state`,
+`failure_reason`). Only COMPLETE children enter the statistics; failed and pruned ones are listed with their reasons.
+
+Writes into `run_dir`: `report.md` (tables, pairwise tests, seen/unseen composition, plots, a plain-text reading),
+`summary.csv` (one row per strategy: `<metric>_mean`, `<metric>_ci95`, `<metric>_n`, `n`), `pairwise.csv`,
+`runs.csv` (every child run flattened: metrics by bare name, `params.*`, `tags.*`) and one PNG per metric history;
+the same files go to the parent run's artifacts under `report/`.
+
+The statistics are small pure functions of a runs DataFrame (one row per run, a `strategy` column, one column per
+metric named by its MLflow key), so they can be checked on synthetic numbers: `mean_ci95`, `summarise`,
+`rank_strategies`, `pairwise_tests`, `holm`, `composition`, `aggregate_history`, `reading`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import warnings
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from sorabench.config import ConfigError, require
+from sorabench.tracking import check_tracking_uri
+
+COMPLETE = "COMPLETE"
+ALPHA = 0.05
+ATTRS = ("all", "colour", "shape", "size", "direction", "speed")  # report order: all attributes first
+KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss")
+TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
+CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
+PARAMS, GFLOPS = "model/params", "model/gflops"
+ID_COLUMNS = [
+    "run_id", "run_name", "trial", "strategy", "seed", "state", "failure_reason",
+    "status", "role", "study", "parent_run_id", "start_time", "end_time",
+]
+_STATUS_TO_STATE = {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL"}  # without an optuna.state tag
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def metric_direction(metric: str, direction: str = "auto") -> str:
+    """'minimize' or 'maximize'; auto: accuracies (`eval/acc_*`) and scores maximize, everything else minimizes."""
+    require(direction in ("auto", "minimize", "maximize"), "direction", direction, "must be auto, minimize or maximize")
+    if direction != "auto":
+        return direction
+    base = metric.rsplit("/", 1)[-1].lower()
+    higher = base.startswith("acc") or "accuracy" in base or base in ("precision", "recall", "clip_score", "is")
+    return "maximize" if higher else "minimize"
+
+
+def _finite(values) -> np.ndarray:
+    x = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
+    return x[np.isfinite(x)]
+
+
+def mean_ci95(values) -> tuple[float, float, int]:
+    """(mean, half-width of the Student-t 95% interval t_{0.975,n-1}·s/√n, n) over the finite values.
+
+    With one value the half-width is NaN ("n/a"); with none the mean is NaN too.
+    """
+    from scipy import stats
+
+    x = _finite(values)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if np.all(x == x[0]):  # a constant (params, chance): exactly, without the rounding noise of x.mean()
+        return float(x[0]), (0.0 if n > 1 else math.nan), n
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, 1
+    return mean, float(stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)), n
+
+
+def summarise(runs: pd.DataFrame, metrics, by: str = "strategy") -> pd.DataFrame:
+    """One row per strategy (index `by`): `n` (runs), `seeds`, and `<m>_mean`, `<m>_ci95`, `<m>_n` for every metric.
+
+    `runs` should hold the completed runs only; a metric a run did not log is left out of that metric's n.
+    """
+    rows = []
+    for name, group in runs.groupby(by, sort=True):
+        row = {by: name, "n": len(group)}
+        if "seed" in group:
+            row["seeds"] = ";".join(str(s) for s in sorted(group["seed"].dropna().tolist()))
+        for m in metrics:
+            mean, ci, n = mean_ci95(group[m] if m in group else [])
+            row[f"{m}_mean"], row[f"{m}_ci95"], row[f"{m}_n"] = mean, ci, n
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(by) if rows else pd.DataFrame(columns=["n"]).rename_axis(by)
+
+
+def rank_strategies(summary: pd.DataFrame, metric: str, direction: str) -> pd.DataFrame:
+    """`summary` sorted best first on `<metric>_mean` (NaN last), with a 1-based `rank` column in front."""
+    key = summary[f"{metric}_mean"].astype(float)
+    key = key if direction == "minimize" else -key
+    out = summary.loc[key.sort_values(na_position="last", kind="stable").index].copy()
+    rank = pd.array(range(1, len(out) + 1), dtype="Int64")
+    rank[out[f"{metric}_mean"].isna().to_numpy()] = pd.NA
+    out.insert(0, "rank", rank)
+    return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    running = 0.0
+    for i, j in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (len(idx) - i) * p[j]))
+        out[j] = running
+    return out
+
+
+def min_mannwhitney_p(n_a: int, n_b: int) -> float:
+    """Smallest two-sided p-value the exact Mann–Whitney U test can give at these group sizes."""
+    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
+
+
+PAIRWISE_COLUMNS = [
+    "metric", "a", "b", "n_a", "n_b", "mean_a", "mean_b", "diff",
+    "welch_t", "welch_p", "welch_p_holm", "mwu_u", "mwu_p", "note",
+]
+
+
+def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=None) -> pd.DataFrame:
+    """Every pair of strategies on one metric: Welch's t-test and the two-sided Mann–Whitney U test.
+
+    p-values are scipy's (`ttest_ind(equal_var=False)`, `mannwhitneyu(alternative="two-sided")`); `welch_p_holm`
+    adjusts them for the number of pairs. `diff` = mean_a − mean_b. `note` says when n is too small to mean much.
+    Pairs follow `order` (e.g. the ranking), else sorted names; strategies without a finite value are left out.
+    """
+    from scipy import stats
+
+    groups = {name: _finite(g[metric]) for name, g in runs.groupby(by, sort=True)} if metric in runs else {}
+    groups = {k: v for k, v in groups.items() if len(v)}
+    names = [s for s in (order if order is not None else sorted(groups)) if s in groups]
+    rows = []
+    for a, b in combinations(names, 2):
+        x, y = groups[a], groups[b]
+        row = {"metric": metric, "a": a, "b": b, "n_a": len(x), "n_b": len(y), "mean_a": x.mean(), "mean_b": y.mean()}
+        row["diff"] = row["mean_a"] - row["mean_b"]
+        row.update(welch_t=math.nan, welch_p=math.nan, mwu_u=math.nan, mwu_p=math.nan)
+        notes = []
+        if len(x) < 2 or len(y) < 2:
+            notes.append("not tested: needs at least 2 runs per strategy")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zero variance, ties: scipy warns and returns nan / approximates
+                welch = stats.ttest_ind(x, y, equal_var=False)
+                mwu = stats.mannwhitneyu(x, y, alternative="two-sided")
+            row.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue))
+            row.update(mwu_u=float(mwu.statistic), mwu_p=float(mwu.pvalue))
+            if not math.isfinite(row["welch_p"]):
+                notes.append("Welch undefined: no variance within either strategy")
+            if min(len(x), len(y)) < 5:
+                notes.append("small n: low power")
+            floor = min_mannwhitney_p(len(x), len(y))
+            if floor >= ALPHA:
+                notes.append(f"Mann–Whitney cannot reach p<{ALPHA:g} at these n (smallest p={floor:.2g})")
+        row["note"] = "; ".join(notes)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=[c for c in PAIRWISE_COLUMNS if c != "welch_p_holm"])
+    out.insert(out.columns.get_loc("welch_p") + 1, "welch_p_holm", holm(out["welch_p"]) if len(out) else [])
+    return out
+
+
+def composition_attributes(columns) -> list[str]:
+    """Attributes with both `eval/acc_<attr>_seen` and `eval/acc_<attr>_unseen`, `all` first."""
+    cols = set(columns)
+    found = [m.group(1) for c in cols if (m := re.fullmatch(r"eval/acc_(.+)_seen", c))]
+    found = [a for a in found if f"eval/acc_{a}_unseen" in cols]
+    return [a for a in ATTRS if a in found] + sorted(a for a in found if a not in ATTRS)
+
+
+def composition(runs: pd.DataFrame, by: str = "strategy", order=None) -> pd.DataFrame:
+    """Seen vs unseen compositions per strategy and attribute: mean ± 95% CI of each, their paired per-run gap
+    (seen − unseen), and the chance level (`eval/chance_<attr>`, NaN when not logged)."""
+    attrs = composition_attributes(runs.columns)
+    rows = []
+    groups = dict(tuple(runs.groupby(by, sort=True)))
+    for name in [s for s in (order if order is not None else sorted(groups)) if s in groups]:
+        g = groups[name]
+        for attr in attrs:
+            seen = pd.to_numeric(g[f"eval/acc_{attr}_seen"], errors="coerce")
+            unseen = pd.to_numeric(g[f"eval/acc_{attr}_unseen"], errors="coerce")
+            chance = _finite(g[f"eval/chance_{attr}"]) if f"eval/chance_{attr}" in g else np.array([])
+            row = {by: name, "attribute": attr, "chance": float(chance.mean()) if len(chance) else math.nan}
+            for label, values in (("seen", seen), ("unseen", unseen), ("gap", seen - unseen)):
+                row[f"{label}_mean"], row[f"{label}_ci95"], row[f"{label}_n"] = mean_ci95(values)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate_history(history: pd.DataFrame, by: str = "strategy") -> pd.DataFrame:
+    """Per strategy and step over runs: mean, sd (ddof=1, NaN for one run), min, max, n.
+
+    `history` has columns `by`, run_id, step, value and optionally timestamp; a step logged twice by one run
+    (a resumed run) keeps the latest value.
+    """
+    h = history.sort_values([c for c in ("run_id", "step", "timestamp") if c in history])
+    h = h.drop_duplicates(["run_id", "step"], keep="last")
+    agg = h.groupby([by, "step"])["value"].agg(["mean", "std", "min", "max", "count"]).reset_index()
+    return agg.rename(columns={"std": "sd", "count": "n"})
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def _ok(x) -> bool:
+    try:
+        return x is not None and x is not pd.NA and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt(x, digits: int = 4) -> str:
+    return f"{float(x):.{digits}g}" if _ok(x) else "–"
+
+
+def fmt_ci(mean, ci) -> str:
+    """'mean ± ci'; 'mean ± n/a' with a single run; '–' without any."""
+    if not _ok(mean):
+        return "–"
+    if not _ok(ci):
+        return f"{fmt(mean)} ± n/a"
+    return f"{fmt(mean)} ± {fmt(ci, 2) if ci > 1e-9 * max(abs(float(mean)), 1e-12) else '0'}"
+
+
+def fmt_p(p) -> str:
+    if not _ok(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_params(p) -> str:
+    return f"{float(p) / 1e6:.2f}M" if _ok(p) else "–"
+
+
+def md_table(headers, rows) -> str:
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ").strip() or " "
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _summary_cell(summary: pd.DataFrame, strategy, metric: str) -> str:
+    row = summary.loc[strategy]
+    text = fmt_ci(row.get(f"{metric}_mean"), row.get(f"{metric}_ci95"))
+    k = row.get(f"{metric}_n")
+    if _ok(k) and 0 < int(k) < int(row["n"]):
+        text += f" (n={int(k)})"
+    return text
+
+
+def _arrow(direction: str) -> str:
+    return "↓" if direction == "minimize" else "↑"
+
+
+def reading(
+    summary: pd.DataFrame, tests: pd.DataFrame, metric: str, direction: str, comp: pd.DataFrame | None = None,
+    excluded: int = 0,
+) -> str:
+    """One plain-text paragraph: the best strategy on `metric`, whether it beats the runner-up at p<0.05 (Welch),
+    and its all-attributes accuracy against chance. `summary` ranked best first (`rank_strategies`), `tests` from
+    `pairwise_tests` on `metric`."""
+    better = "lower" if direction == "minimize" else "higher"
+    ranked = summary[summary[f"{metric}_mean"].notna()]
+    if ranked.empty:
+        return f"No completed run logged {metric}, so no strategy can be ranked on it."
+    best = ranked.index[0]
+    b = ranked.loc[best]
+    mean, ci, n = f"{metric}_mean", f"{metric}_ci95", f"{metric}_n"
+    parts = [
+        f"On {metric} ({better} is better) the best strategy is {best} at {fmt_ci(b[mean], b[ci])}"
+        f" (mean ± 95% CI over n={int(b[n])} seeds)."
+    ]
+    if len(ranked) < 2:
+        parts.append("It is the only strategy with this metric, so there is nothing to compare it with.")
+    else:
+        second = ranked.index[1]
+        s = ranked.loc[second]
+        pair = tests[((tests.a == best) & (tests.b == second)) | ((tests.a == second) & (tests.b == best))]
+        p = pair["welch_p"].iloc[0] if len(pair) else math.nan
+        mwu = pair["mwu_p"].iloc[0] if len(pair) else math.nan
+        gap = abs(b[mean] - s[mean])
+        text = (
+            f"The runner-up is {second} at {fmt_ci(s[mean], s[ci])} (n={int(s[n])}),"
+            f" {fmt(gap)} {'worse' if gap > 0 else 'apart'};"
+        )
+        if _ok(p):
+            verdict = "significant" if p < ALPHA else "not significant"
+            text += f" the difference is {verdict} at p<{ALPHA:g}"
+            text += f" (Welch t-test p={fmt_p(p)}; Mann–Whitney p={fmt_p(mwu)})."
+            if min(int(b[n]), int(s[n])) < 5:
+                text += " With fewer than 5 seeds per strategy the tests have little power; p-values are not adjusted."
+        else:
+            text += " the difference could not be tested (a strategy has fewer than 2 runs, or no variance)."
+        parts.append(text)
+    if "eval/acc_all_mean" in summary and _ok(summary.loc[best, "eval/acc_all_mean"]):
+        acc = summary.loc[best, "eval/acc_all_mean"]
+        acc_ci = fmt(summary.loc[best, "eval/acc_all_ci95"], 2)
+        text = f"{best} gets all attributes of the prompt right in {fmt(acc, 3)} of clips (eval/acc_all, ± {acc_ci})"
+        chance = summary.loc[best].get("eval/chance_all_mean")
+        if _ok(chance) and chance > 0:
+            text += f" against a chance level of {fmt(chance, 3)} (uniform guessing), {fmt(acc / chance, 3)}× chance"
+        else:
+            text += " (chance level not logged)"
+        if comp is not None and len(comp):
+            row = comp[(comp.strategy == best) & (comp.attribute == "all")] if "strategy" in comp else comp.iloc[:0]
+            if len(row):
+                r = row.iloc[0]
+                text += f"; {fmt(r.seen_mean, 3)} on seen and {fmt(r.unseen_mean, 3)} on unseen compositions"
+        parts.append(text + ".")
+    else:
+        parts.append(f"eval/acc_all was not logged for {best}, so its text alignment cannot be compared with chance.")
+    if excluded:
+        parts.append(f"{excluded} failed, pruned or unfinished run{'s' if excluded > 1 else ''} were left out.")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------- MLflow
+
+
+def _to_int(v):
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return pd.NA
+
+
+def _time(ms) -> pd.Timestamp | None:
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
+
+
+def _state(tags: dict, status: str) -> str:
+    state = tags.get("optuna.state")
+    if state:  # "COMPLETE", or "TrialState.COMPLETE" from str(TrialState)
+        return str(state).rsplit(".", 1)[-1].upper()
+    return _STATUS_TO_STATE.get(status, status)
+
+
+def runs_frame(runs) -> tuple[pd.DataFrame, list[str]]:
+    """MLflow `Run`s as one flat row each: ID_COLUMNS, then metrics by their bare key (final values), then
+    `params.<key>` and `tags.<key>`. Returns the frame and the metric keys."""
+    rows, metrics, params, tags = [], set(), set(), set()
+    for run in runs:
+        t, p = run.data.tags, run.data.params
+        row = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "trial": _to_int(t.get("optuna.trial_number")),
+            "strategy": t.get("sorabench.strategy") or p.get("conditioning.name") or "unknown",
+            "seed": _to_int(p.get("seed")),
+            "state": _state(t, run.info.status),
+            "failure_reason": t.get("failure_reason", ""),
+            "status": run.info.status,
+            "role": t.get("sorabench.role", ""),
+            "study": t.get("sorabench.study", ""),
+            "parent_run_id": t.get("mlflow.parentRunId", ""),
+            "start_time": _time(run.info.start_time),
+            "end_time": _time(run.info.end_time),
+        }
+        row.update({k: v for k, v in run.data.metrics.items() if k not in ID_COLUMNS})
+        row.update({f"params.{k}": v for k, v in p.items()})
+        row.update({f"tags.{k}": v for k, v in t.items()})
+        metrics.update(run.data.metrics)
+        params.update(f"params.{k}" for k in p)
+        tags.update(f"tags.{k}" for k in t)
+        rows.append(row)
+    metrics = sorted(metrics - set(ID_COLUMNS))
+    frame = pd.DataFrame(rows, columns=ID_COLUMNS + metrics + sorted(params) + sorted(tags))
+    frame[["trial", "seed"]] = frame[["trial", "seed"]].astype("Int64")
+    return frame, metrics
+
+
+def select_study_runs(frame: pd.DataFrame, study: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(child runs, parent runs). Parents: runs tagged `sorabench.role=study` (of `study` when given and any is);
+    children: their runs via `mlflow.parentRunId`. Without a parent run every other run of the experiment counts."""
+    parents = frame[frame.role == "study"]
+    if study and (parents.study == study).any():
+        parents = parents[parents.study == study]
+    if len(parents):
+        children = frame[frame.parent_run_id.isin(parents.run_id)]
+    else:
+        children = frame[frame.role != "study"]
+    return children, parents.sort_values("start_time", na_position="first")
+
+
+def search_all_runs(client, experiment_id: str) -> list:
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def fetch_histories(client, runs: pd.DataFrame, metrics, by: str = "strategy") -> dict[str, pd.DataFrame]:
+    """{metric: DataFrame(by, run_id, step, timestamp, value)} from `MlflowClient.get_metric_history`."""
+    out = {}
+    for m in metrics:
+        rows = [
+            (strategy, run_id, point.step, point.timestamp, point.value)
+            for run_id, strategy, value in zip(runs.run_id, runs[by], runs[m])
+            if pd.notna(value)
+            for point in client.get_metric_history(run_id, m)
+        ]
+        if rows:
+            out[m] = pd.DataFrame(rows, columns=[by, "run_id", "step", "timestamp", "value"])
+    return out
+
+
+def plot_history(agg: pd.DataFrame, metric: str, path: Path, order=None, by: str = "strategy") -> Path:
+    """Mean over seeds per strategy against the training step, with a min–max band; PNG via the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = [s for s in (order if order is not None else sorted(agg[by].unique())) if s in set(agg[by])]
+    for name in names:
+        g = agg[agg[by] == name].sort_values("step")
+        runs = int(g["n"].max())
+        (line,) = ax.plot(g["step"], g["mean"], marker="o" if len(g) < 20 else None, ms=3, label=f"{name} (n={runs})")
+        if runs > 1:
+            ax.fill_between(g["step"], g["min"], g["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean over seeds, band = min–max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_name(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_") + ".png"
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def render_markdown(
+    *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
+    tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
+) -> str:
+    order = list(summary.index)
+    md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
+
+    md += [f"## Strategies, ranked by {metric} ({_arrow(direction)})", ""]
+    md.append("Mean ± 95% confidence interval over seeds (Student t: mean ± t₀.₉₇₅,ₙ₋₁·s/√n; n/a with one run). "
+              "Only COMPLETE runs count.")
+    md.append("")
+    key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
+    headers = ["rank", "strategy", "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs"]
+    rows = [
+        [fmt(summary.loc[s, "rank"], 3), s, int(summary.loc[s, "n"]), *[_summary_cell(summary, s, m) for m in key],
+         fmt_params(summary.loc[s].get(f"{PARAMS}_mean")), fmt(summary.loc[s].get(f"{GFLOPS}_mean"), 3)]
+        for s in order
+    ]
+    md += [md_table(headers, rows), ""]
+    if "seeds" in summary:
+        seeds = {s: summary.loc[s, "seeds"].split(";") for s in order}
+        dup = [s for s in order if len(set(seeds[s])) < len(seeds[s])]
+        md.append("Seeds: " + "; ".join(f"{s}: {summary.loc[s, 'seeds'] or '?'}" for s in order) + ".")
+        if dup:
+            md.append(f"Note: {', '.join(dup)} repeat a seed; n counts runs, not distinct seeds.")
+        md.append("")
+
+    others = [m for m in metrics if not m.startswith("eval/chance_")]
+    md += ["## All metrics", "", "Mean ± 95% CI over seeds; (n=k) where fewer runs logged the metric.", ""]
+    md += [md_table(["metric", *order], [[m, *[_summary_cell(summary, s, m) for s in order]] for m in others]), ""]
+
+    md += ["## Pairwise tests", ""]
+    md.append(f"Welch's t-test (unequal variances) and the two-sided Mann–Whitney U test per pair of strategies; "
+              f"diff = mean A − mean B; Holm = Welch p adjusted for the number of pairs. Significance level {ALPHA:g}.")
+    md.append("")
+    for m, t in tests.items():
+        md += [f"### {m}", ""]
+        if t.empty:
+            md += ["Fewer than two strategies logged this metric: nothing to test.", ""]
+            continue
+        rows = [
+            [r.a, r.b, r.n_a, r.n_b, fmt(r.mean_a), fmt(r.mean_b), fmt(r["diff"]), fmt(r.welch_t, 3),
+             fmt_p(r.welch_p), fmt_p(r.welch_p_holm), fmt(r.mwu_u, 3), fmt_p(r.mwu_p), r.note]
+            for _, r in t.iterrows()
+        ]
+        headers = ["A", "B", "n A", "n B", "mean A", "mean B", "diff", "Welch t", "Welch p", "Holm p", "MWU U",
+                   "MWU p", "note"]
+        md += [md_table(headers, rows), ""]
+    if not tests:
+        md += ["No tested metric was logged.", ""]
+
+    md += ["## Composition: seen vs unseen", ""]
+    if comp.empty:
+        md += ["No eval/acc_<attr>_seen / eval/acc_<attr>_unseen metrics were logged.", ""]
+    else:
+        md.append("Attribute accuracy on prompts whose attribute combination was seen in training vs held out; "
+                  "gap = seen − unseen, paired per run; chance = uniform guessing (1/K; product of all for `all`).")
+        md.append("")
+        rows = [
+            [r.strategy, r.attribute, fmt(r.chance, 3), fmt_ci(r.seen_mean, r.seen_ci95),
+             fmt_ci(r.unseen_mean, r.unseen_ci95), fmt_ci(r.gap_mean, r.gap_ci95)]
+            for _, r in comp.iterrows()
+        ]
+        md += [md_table(["strategy", "attribute", "chance", "seen", "unseen", "gap"], rows), ""]
+
+    md += ["## Failed, pruned and unfinished runs", ""]
+    if excluded.empty:
+        md += ["None: every child run completed.", ""]
+    else:
+        rows = [
+            [fmt(r.trial), r.strategy, fmt(r.seed), r.state, r.failure_reason or "–", r.run_id]
+            for _, r in excluded.iterrows()
+        ]
+        md += [md_table(["trial", "strategy", "seed", "state", "reason", "run"], rows), ""]
+
+    md += ["## Training curves", ""]
+    if plots:
+        md += [f"![{m}]({name})\n" for m, name in plots.items()]
+    else:
+        md += ["No metric history with more than one point.", ""]
+
+    md += ["## Reading", "", text, ""]
+    return "\n".join(md)
+
+
+def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_dir: Path, files: list[str]):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)
+    key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
+    table = Table("rank", "strategy", "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs",
+                  title=f"strategies by {metric} (mean ± 95% CI)")
+    for s in summary.index:
+        table.add_row(
+            fmt(summary.loc[s, "rank"], 3), str(s), str(int(summary.loc[s, "n"])),
+            *[_summary_cell(summary, s, m) for m in key],
+            fmt_params(summary.loc[s].get(f"{PARAMS}_mean")), fmt(summary.loc[s].get(f"{GFLOPS}_mean"), 3),
+        )
+    console.print(table)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"wrote {', '.join(files)} to {out_dir}", markup=False, highlight=False)
+
+
+def _open_store(uri: str):
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite"):
+        db = Path(uri.split("///", 1)[-1])
+        if not db.is_file():
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: no MLflow database at {db} (run a sweep first, "
+                              "or point outputs= / mlflow.tracking_uri at the study's store)")
+    check_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def main(cfg: DictConfig) -> int:
+    study = None if cfg.study is None else str(cfg.study)
+    name = str(cfg.experiment) if cfg.experiment is not None else study
+    key = "experiment" if cfg.experiment is not None else "study"
+    metric = str(cfg.metric)
+    direction = metric_direction(metric, str(cfg.direction))
+    uri = str(cfg.mlflow.tracking_uri)
+    client = _open_store(uri)
+
+    def existing() -> str:
+        names = sorted(e.name for e in client.search_experiments())
+        return ", ".join(names) or "none"
+
+    if name is None:
+        raise ConfigError(f"study=None: set study=<name> or experiment=<name>; experiments in {uri}: {existing()}")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        raise ConfigError(f"{key}={name!r}: no such MLflow experiment in {uri}; existing experiments: {existing()}")
+
+    frame, all_metrics = runs_frame(search_all_runs(client, experiment.experiment_id))
+    children, parents = select_study_runs(frame, study)
+    children = children.sort_values(["trial", "start_time"], na_position="last", kind="stable")
+    complete = children[children.state == COMPLETE]
+    excluded = children[children.state != COMPLETE]
+    if complete.empty:
+        counts = excluded.state.value_counts()
+        detail = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
+        raise ConfigError(f"{key}={name!r}: no completed runs in experiment {name!r} (child runs: {detail})")
+
+    metrics = [m for m in all_metrics if complete[m].notna().any()]
+    require(metric in metrics, "metric", metric, f"not logged by any completed run; logged: {', '.join(metrics)}")
+    summary = rank_strategies(summarise(complete, metrics), metric, direction)
+    order = list(summary.index)
+    tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]
+    tests = {m: pairwise_tests(complete, m, order=order) for m in tested}
+    comp = composition(complete, order=order)
+
+    out_dir = Path(cfg.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = [m for m in CURVE_METRICS if m in metrics]
+    curves += [m for m in metrics if m.startswith("eval/") and not m.startswith("eval/chance_")]
+    plots = {}
+    for m, history in fetch_histories(client, complete, curves).items():
+        if m not in CURVE_METRICS and history.groupby("run_id").size().max() < 2:
+            continue
+        plots[m] = plot_history(aggregate_history(history), m, out_dir / plot_name(m), order=order).name
+
+    text = reading(summary, tests.get(metric, pd.DataFrame(columns=PAIRWISE_COLUMNS)), metric, direction, comp,
+                   excluded=len(excluded))
+    parent_id = parents.run_id.iloc[-1] if len(parents) else None
+    counts = children.state.value_counts()
+    header = [
+        f"experiment: `{name}`" + (f", study `{study}`" if study else ""),
+        f"tracking URI: `{uri}`",
+        "parent run: " + (f"`{parent_id}`" if parent_id else "none (all runs of the experiment)"),
+        "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+        f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
+        f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+    ]
+    md = render_markdown(
+        title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
+        metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
+    )
+
+    files = ["report.md", "summary.csv", "pairwise.csv", "runs.csv", *plots.values()]
+    (out_dir / "report.md").write_text(md)
+    summary.reset_index().to_csv(out_dir / "summary.csv", index=False)
+    pairwise = pd.concat(list(tests.values())) if tests else pd.DataFrame(columns=PAIRWISE_COLUMNS)
+    pairwise.to_csv(out_dir / "pairwise.csv", index=False)
+    children.to_csv(out_dir / "runs.csv", index=False)
+
+    if parent_id:
+        try:
+            for f in files:
+                client.log_artifact(parent_id, str(out_dir / f), artifact_path="report")
+        except Exception as e:  # noqa: BLE001 — the files are written; an unreachable artifact store is only a warning
+            print(f"warning: could not log the report to parent run {parent_id}: {e}", file=sys.stderr)
+    _print(summary, metric, direction, text, out_dir, files)
+    return 0

@@ -1,0 +1,339 @@
+"""The training commands: `train-vae`, `encode`, `train`, `sample`, `train-evaluator`.
+
+Shared assets are trained once and found again by a key of their config: the VAE (`vae_ckpt: auto`) under
+`outputs/train_vae/auto-<key>` and the evaluator under `outputs/train_evaluator/auto-<key>`. Every run resumes from
+its `last.ckpt` when started again with the same command, and a finished run (a `result.json` beside it) returns
+its recorded result instead of training again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+
+from sorabench.config import ConfigError, compose_config, require, to_container
+from sorabench.data.module import SkippedSamplesReport, VideoDataModule, dataset_config
+from sorabench.latents import LatentDataModule, cache_path, cache_key, load_or_encode
+from sorabench.tracking import log_artifact, make_logger
+from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
+from sorabench.training.trainer import build_trainer, fit, last_checkpoint
+
+console = Console()
+RESULT_FILE = "result.json"
+
+def config_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive lock on a run directory, so two sweep workers never train the same shared asset at once."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def finished_result(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(run_dir: str | Path, result: dict):
+    path = Path(run_dir) / RESULT_FILE
+    path.write_text(json.dumps(result, indent=2, default=str))
+
+
+def load_checkpoint_module(cls, path: str | Path, kind: str):
+    """Load a LightningModule checkpoint of the expected kind, with a clear error for a missing or wrong file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    found = ckpt.get("sorabench_kind")
+    if found != kind:
+        raise ConfigError(f"{path} is a {found or 'non-sorabench'} checkpoint, expected a {kind} checkpoint")
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+class TagCheckpointKind(L.Callback):
+    """Writes `sorabench_kind` into every checkpoint so a VAE checkpoint given as a DiT is caught at load time."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["sorabench_kind"] = self.kind
+
+
+# ---- VAE -------------------------------------------------------------------------------------------------------
+
+
+def build_vae_module(cfg: DictConfig):
+    from sorabench.models.vae import build_vae
+    from sorabench.training.vae_module import VAEModule
+
+    data = dataset_config(to_container(cfg.data))
+    vae = to_container(cfg.vae)
+    try:
+        build_vae(**vae["model"]).latent_shape(data.num_frames, data.height, data.width)
+    except ValueError as e:
+        raise ConfigError(f"vae/data mismatch: {e}") from e
+    return VAEModule(
+        vae=vae["model"],
+        lr=vae["lr"],
+        kl_weight=vae["kl_weight"],
+        recon_loss=vae["recon_loss"],
+        ssim_weight=vae["ssim_weight"],
+        weight_decay=vae["weight_decay"],
+        num_frames=data.num_frames,
+        height=data.height,
+        width=data.width,
+    )
+
+
+def save_untrained_vae(module, run_dir: Path) -> Path:
+    """`vae.model.factor: none` has nothing to train: write its checkpoint directly (scale factor 1)."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__, "sorabench_kind": "vae", "global_step": 0}, path)
+    return path
+
+
+def run_vae_training(cfg: DictConfig) -> Path:
+    """Train (or resume, or reuse) the VAE of `cfg`; returns its final checkpoint."""
+    run_dir = Path(cfg.run_dir)
+    if finished_result(run_dir):
+        return Path(finished_result(run_dir)["ckpt"])
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_vae_module(cfg)
+    if cfg.vae.model.factor == "none":
+        ckpt = save_untrained_vae(module, run_dir)
+        write_result(run_dir, {"ckpt": str(ckpt), "metrics": {}, "scale_factor": 1.0, "train_seconds": 0.0})
+        return ckpt
+    require(cfg.vae.lr > 0, "vae.lr", cfg.vae.lr, "must be > 0")
+    logger = make_logger(cfg)
+    callbacks = [TagCheckpointKind("vae"), SkippedSamplesReport()]
+    trainer = build_trainer(cfg, logger, callbacks, monitor="val/psnr", mode="max")
+    t0 = time.time()
+    fit(trainer, module, VideoDataModule(to_container(cfg.data)), run_dir)
+    ckpt = last_checkpoint(run_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    result = {"ckpt": str(ckpt), "metrics": metrics, "scale_factor": float(module.scale_factor),
+              "train_seconds": time.time() - t0}
+    if logger is not None:
+        logger.log_metrics({"time/train_seconds": result["train_seconds"], "vae/scale_factor": result["scale_factor"]})
+    write_result(run_dir, result)
+    console.print(f"VAE: {metrics} scale_factor={result['scale_factor']:.4f} -> {ckpt}")
+    return ckpt
+
+
+def train_vae(cfg: DictConfig) -> int:
+    run_vae_training(cfg)
+    return 0
+
+
+def ensure_vae(cfg: DictConfig) -> Path:
+    """The checkpoint of the VAE that `cfg.vae` describes on `cfg.data`, training it once if needed (cached)."""
+    if cfg.vae_ckpt != "auto":
+        path = Path(cfg.vae_ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"vae_ckpt={str(path)!r} does not exist (train one with `sorabench train-vae`)")
+        return path
+    data = {k: v for k, v in to_container(cfg.data).items() if k not in ("num_workers",)}
+    key = config_key(to_container(cfg.vae), data)
+    vcfg = compose_config("train_vae", [f"outputs={cfg.outputs}", f"name=auto-{key}"], command="train_vae")
+    with open_dict(vcfg):
+        vcfg.data, vcfg.vae = cfg.data, cfg.vae
+        vcfg.mlflow.enabled, vcfg.mlflow.tracking_uri = cfg.mlflow.enabled, cfg.mlflow.tracking_uri
+        vcfg.trainer.progress_bar = cfg.trainer.progress_bar
+        vcfg.trainer.max_steps = cfg.vae.max_steps
+    with run_lock(Path(vcfg.run_dir)):
+        if not finished_result(vcfg.run_dir):
+            console.print(f"training the shared VAE ({cfg.vae.max_steps} steps) in {vcfg.run_dir}")
+        return run_vae_training(vcfg)
+
+
+def load_vae(path: str | Path):
+    from sorabench.training.vae_module import VAEModule
+
+    return load_checkpoint_module(VAEModule, path, "vae").eval()
+
+
+def encode(cfg: DictConfig) -> int:
+    """`sorabench encode vae=<ckpt> data=<...> splits=[train,val]`: write the latent caches."""
+    vae = load_vae(cfg.vae)
+    data = to_container(cfg.data)
+    for split in cfg.splits:
+        key = cache_key(cfg.vae, data, split)
+        existed = cache_path(cfg.cache_dir, key).is_file()
+        t0 = time.time()
+        cache = load_or_encode(vae, cfg.vae, data, split, cfg.cache_dir)
+        what = "reused" if existed else f"encoded in {time.time() - t0:.1f} s"
+        console.print(f"{split}: {len(cache['captions'])} clips {tuple(cache['mean'].shape[1:])} {what} "
+                      f"-> {cache_path(cfg.cache_dir, key)}")
+    return 0
+
+
+# ---- DiT -------------------------------------------------------------------------------------------------------
+
+
+def validate_train_config(cfg: DictConfig):
+    """Reject bad values before any data is rendered or any model is trained."""
+    require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    require(0 <= cfg.caption_dropout < 1, "caption_dropout", cfg.caption_dropout, "must be in [0, 1)")
+    require(cfg.sample.guidance_scale >= 0, "sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 0")
+    require(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "must be >= 1")
+    require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
+            "must be > 0")
+    from sorabench.models.dit import check_patch_size
+    from sorabench.models.vae import build_vae
+
+    data = dataset_config(to_container(cfg.data))
+    try:
+        latent = build_vae(**to_container(cfg.vae.model)).latent_shape(data.num_frames, data.height, data.width)
+    except ValueError as e:
+        raise ConfigError(f"data.num_frames/height/width vs vae: {e}") from e
+    try:
+        check_patch_size(latent[1:], tuple(cfg.dit.patch_size))
+    except ValueError as e:
+        raise ConfigError(f"dit.patch_size={list(cfg.dit.patch_size)}: {e}") from e
+
+
+def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModule:
+    return DiTModule(
+        latent_shape=tuple(latent_shape),
+        dit=to_container(cfg.dit),
+        conditioning=to_container(cfg.conditioning),
+        text_encoder=to_container(cfg.text_encoder),
+        diffusion=to_container(cfg.diffusion),
+        optim=to_container(cfg.optim),
+        caption_dropout=cfg.caption_dropout,
+        vocab=vocab,
+        sample=to_container(cfg.sample),
+        vae_ckpt=str(vae_ckpt),
+    )
+
+
+def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from sorabench.training.dit_module import LogSampleVideos
+
+    callbacks = [TagCheckpointKind("dit")]
+    if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
+        callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))  # before EMA: see its docstring
+    if cfg.ema.enabled:
+        callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
+    if cfg.evaluate.every_n_steps:
+        from sorabench.metrics.evaluate import EvaluateCallback
+
+        callbacks.append(EvaluateCallback(cfg, every_n_steps=cfg.evaluate.every_n_steps))
+    return callbacks
+
+
+def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=None) -> dict:
+    """Train the DiT of `cfg` on cached latents, then evaluate it; returns {run_id, ckpt, metrics}."""
+    validate_train_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    if finished_result(run_dir):
+        console.print(f"{run_dir} already finished; reusing its result")
+        return finished_result(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    vae_ckpt = ensure_vae(cfg)
+    vae = load_vae(vae_ckpt)
+    data = to_container(cfg.data)
+    train_cache = load_or_encode(vae, vae_ckpt, data, "train", cfg.cache_dir)
+    val_cache = load_or_encode(vae, vae_ckpt, data, "val", cfg.cache_dir)
+    vocab = None
+    if cfg.text_encoder.name == "learned":
+        from sorabench.models.text import LearnedTextEncoder
+
+        vocab = LearnedTextEncoder.from_captions(train_cache["captions"]).vocab
+    L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
+    module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
+    module.vae = vae
+    logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": cfg.conditioning.name},
+                         parent_run_id=parent_run_id)
+    trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")
+    t0 = time.time()
+    fit(trainer, module, LatentDataModule(train_cache, val_cache, cfg.data.batch_size), run_dir)
+    train_seconds = time.time() - t0
+    if trial is not None and trial.should_prune():
+        import optuna
+
+        raise optuna.TrialPruned(f"pruned at step {trainer.global_step} (val/loss)")
+    metrics = {"time/train_seconds": train_seconds}
+    if cfg.evaluate.enabled:
+        from sorabench.metrics.evaluate import evaluate_module
+
+        metrics.update(evaluate_module(module, cfg, logger, step=trainer.global_step))
+    for k, v in trainer.callback_metrics.items():
+        metrics.setdefault(k, float(v))
+    if logger is not None:
+        logger.log_metrics({"time/train_seconds": train_seconds}, step=trainer.global_step)
+    result = {"run_id": getattr(logger, "run_id", None), "ckpt": str(last_checkpoint(run_dir)), "metrics": metrics}
+    write_result(run_dir, result)
+    return result
+
+
+def prepare_shared_assets(cfg: DictConfig):
+    """Train what every trial of a sweep shares (VAE, evaluator) before the trials start."""
+    validate_train_config(cfg)
+    ensure_vae(cfg)
+    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+        from sorabench.metrics.evaluate import ensure_evaluator
+
+        ensure_evaluator(cfg)
+
+
+def load_dit(path: str | Path) -> DiTModule:
+    module = load_checkpoint_module(DiTModule, path, "dit").eval()
+    module.vae = load_vae(module.hparams.vae_ckpt)
+    return module
+
+
+def sample(cfg: DictConfig) -> int:
+    """`sorabench sample ckpt=... prompt="..." n=4 steps=25 cfg=4 seed=0 out=<dir>`: mp4 and gif per clip."""
+    from sorabench.data.video_io import write_gif, write_video
+
+    require(cfg.cfg >= 0, "cfg", cfg.cfg, "the guidance scale must be >= 0")
+    require(cfg.n >= 1 and cfg.steps >= 1, "n/steps", (cfg.n, cfg.steps), "must be >= 1")
+    module = load_dit(cfg.ckpt)
+    prompts = [cfg.prompt] * cfg.n if isinstance(cfg.prompt, str) else list(cfg.prompt)
+    videos = module.sample_videos(prompts, steps=cfg.steps, guidance_scale=cfg.cfg, seed=cfg.seed)
+    out = Path(cfg.out)
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        stem = f"sample_{i:02d}"
+        write_video(out / f"{stem}.mp4", video, scale=cfg.scale)
+        write_gif(out / f"{stem}.gif", video, scale=cfg.scale)
+    from sorabench.data.commands import contact_sheet
+
+    contact_sheet(out / "samples.png", list(videos), prompts)
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    console.print(f"wrote {len(prompts)} samples (.mp4, .gif) and samples.png to {out}")
+    return 0
+
+
+# ---- evaluator --------------------------------------------------------------------------------------------------
+
+
+def train_evaluator(cfg: DictConfig) -> int:
+    from sorabench.metrics.evaluate import run_evaluator_training
+
+    run_evaluator_training(cfg)
+    return 0
+

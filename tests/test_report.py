@@ -1,0 +1,288 @@
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from sorabench.config import ConfigError, compose_config
+from sorabench.report import (
+    aggregate_history,
+    composition,
+    holm,
+    main,
+    mean_ci95,
+    metric_direction,
+    min_mannwhitney_p,
+    pairwise_tests,
+    rank_strategies,
+    reading,
+    summarise,
+)
+
+# ------------------------------------------------------------------------------------------- pure statistics
+
+
+def synthetic_runs() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "strategy": ["a", "a", "a", "a", "b", "b", "b", "c"],
+            "seed": [0, 1, 2, 3, 0, 1, 2, 0],
+            "eval/fvd": [1.0, 2.0, 3.0, 4.0, 10.0, 12.0, 17.0, 5.0],
+            "eval/acc_all": [0.5, 0.6, np.nan, 0.7, 0.1, 0.2, 0.15, 0.3],
+        }
+    )
+
+
+def test_mean_ci95_matches_hand_computed_t_interval():
+    mean, ci, n = mean_ci95([1.0, 2.0, 3.0, 4.0])
+    # s = sqrt(5/3) = 1.290994, t_{0.975,3} = 3.182446 -> 3.182446 * 1.290994 / 2
+    assert (mean, n) == (2.5, 4) and ci == pytest.approx(2.054260, abs=1e-5)
+    x = np.array([10.0, 12.0, 17.0])
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert mean_ci95(x)[1] == pytest.approx((hi - lo) / 2)
+    assert mean_ci95([5.0])[0] == 5.0 and math.isnan(mean_ci95([5.0])[1]) and mean_ci95([5.0])[2] == 1
+    assert math.isnan(mean_ci95([])[0]) and mean_ci95([np.nan, None])[2] == 0
+    assert mean_ci95([3.2, 3.2, 3.2]) == (3.2, 0.0, 3)  # a constant: no rounding noise in the interval
+
+
+def test_summarise_means_intervals_and_missing_values():
+    s = summarise(synthetic_runs(), ["eval/fvd", "eval/acc_all"])
+    assert list(s.index) == ["a", "b", "c"] and s.loc["a", "n"] == 4 and s.loc["a", "seeds"] == "0;1;2;3"
+    assert s.loc["b", "eval/fvd_mean"] == pytest.approx(13.0)
+    assert s.loc["b", "eval/fvd_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * np.std([10, 12, 17], ddof=1) / 3**0.5)
+    assert s.loc["a", "eval/acc_all_n"] == 3 and s.loc["a", "eval/acc_all_mean"] == pytest.approx(0.6)
+    assert s.loc["c", "eval/fvd_n"] == 1 and math.isnan(s.loc["c", "eval/fvd_ci95"])
+
+
+def test_direction_and_ranking():
+    assert metric_direction("eval/fvd") == "minimize" and metric_direction("val/loss") == "minimize"
+    assert metric_direction("eval/acc_all") == "maximize" and metric_direction("eval/acc_colour_unseen") == "maximize"
+    assert metric_direction("eval/fvd", "maximize") == "maximize"
+    with pytest.raises(ConfigError, match="direction"):
+        metric_direction("eval/fvd", "down")
+    s = summarise(synthetic_runs(), ["eval/fvd", "eval/acc_all"])
+    assert list(rank_strategies(s, "eval/fvd", "minimize").index) == ["a", "c", "b"]
+    ranked = rank_strategies(s, "eval/acc_all", "maximize")
+    assert list(ranked.index) == ["a", "c", "b"] and list(ranked["rank"]) == [1, 2, 3]
+
+
+def test_pairwise_p_values_match_scipy():
+    runs = synthetic_runs()
+    t = pairwise_tests(runs, "eval/fvd", order=["a", "b", "c"])
+    assert list(zip(t.a, t.b)) == [("a", "b"), ("a", "c"), ("b", "c")]
+    ab = t.iloc[0]
+    x, y = [1.0, 2.0, 3.0, 4.0], [10.0, 12.0, 17.0]
+    welch = stats.ttest_ind(x, y, equal_var=False)
+    mwu = stats.mannwhitneyu(x, y, alternative="two-sided")
+    assert ab.welch_p == pytest.approx(welch.pvalue) and ab.welch_t == pytest.approx(welch.statistic)
+    assert ab.mwu_p == pytest.approx(mwu.pvalue) and ab.mwu_u == pytest.approx(mwu.statistic)
+    assert ab["diff"] == pytest.approx(2.5 - 13.0) and "small n" in ab.note
+    assert "cannot reach" in ab.note  # 4 vs 3: the smallest exact two-sided p is 2/35 > 0.05
+    # c has one run: not tested, and it does not count in the Holm adjustment
+    assert t.iloc[1:].welch_p.isna().all() and "at least 2 runs" in t.iloc[2].note
+    assert ab.welch_p_holm == pytest.approx(ab.welch_p)
+    acc = pairwise_tests(runs, "eval/acc_all", order=["a", "b"]).iloc[0]  # the NaN of a is dropped
+    expected = stats.ttest_ind([0.5, 0.6, 0.7], [0.1, 0.2, 0.15], equal_var=False).pvalue
+    assert acc.n_a == 3 and acc.welch_p == pytest.approx(expected)
+
+
+def test_holm_and_mannwhitney_floor():
+    assert np.allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    out = holm([0.2, np.nan])
+    assert out[0] == pytest.approx(0.2) and math.isnan(out[1])
+    assert min_mannwhitney_p(3, 3) == pytest.approx(0.1) and min_mannwhitney_p(5, 5) < 0.05
+
+
+def test_composition_gap_is_paired_and_states_chance():
+    runs = pd.DataFrame(
+        {
+            "strategy": ["a", "a", "a"],
+            "eval/acc_all_seen": [0.5, 0.6, 0.7],
+            "eval/acc_all_unseen": [0.3, 0.5, 0.4],
+            "eval/chance_all": [1 / 288] * 3,
+            "eval/acc_colour_seen": [0.9, 0.9, 0.9],
+            "eval/acc_colour_unseen": [0.8, 0.8, 0.8],
+            "eval/acc_shape_seen": [1.0, 1.0, 1.0],  # no unseen counterpart: left out
+        }
+    )
+    c = composition(runs)
+    assert list(c.attribute) == ["all", "colour"]
+    row = c.iloc[0]
+    assert row.chance == pytest.approx(1 / 288) and row.seen_mean == pytest.approx(0.6)
+    assert row.gap_mean == pytest.approx(0.2) and row.gap_ci95 == pytest.approx(mean_ci95([0.2, 0.1, 0.3])[1])
+    assert math.isnan(c.iloc[1].chance)
+
+
+def test_aggregate_history_mean_band_and_resumed_duplicates():
+    h = pd.DataFrame(
+        {
+            "strategy": ["a"] * 5,
+            "run_id": ["r1", "r1", "r2", "r2", "r1"],
+            "step": [0, 10, 0, 10, 10],
+            "timestamp": [1, 2, 1, 2, 3],  # r1 logged step 10 twice (resume): the later value wins
+            "value": [1.0, 99.0, 3.0, 4.0, 2.0],
+        }
+    )
+    agg = aggregate_history(h).set_index("step")
+    assert agg.loc[0, "mean"] == 2.0 and agg.loc[10, "mean"] == 3.0
+    assert (agg.loc[10, "min"], agg.loc[10, "max"], agg.loc[10, "n"]) == (2.0, 4.0, 2)
+
+
+def test_reading_names_best_significance_and_chance():
+    runs = pd.DataFrame(
+        {
+            "strategy": ["x"] * 3 + ["y"] * 3,
+            "eval/fvd": [10.0, 11.0, 12.0, 30.0, 31.0, 32.0],
+            "eval/acc_all": [0.3, 0.31, 0.32, 0.1, 0.1, 0.1],
+            "eval/chance_all": [0.01] * 6,
+        }
+    )
+    s = rank_strategies(summarise(runs, ["eval/fvd", "eval/acc_all", "eval/chance_all"]), "eval/fvd", "minimize")
+    text = reading(s, pairwise_tests(runs, "eval/fvd", order=list(s.index)), "eval/fvd", "minimize")
+    assert "best strategy is x" in text and "runner-up is y" in text and "is significant at p<0.05" in text
+    assert "31× chance" in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+STUDY = "abl"
+SEEDS = (0, 1, 2)
+FVD = {"cross_attention": [100.0, 110.0, 120.0], "in_context": [140.0, 150.0, 160.0]}
+ACC = {"cross_attention": [0.30, 0.32, 0.34], "in_context": [0.10, 0.12, 0.14]}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite MLflow store for the module: a study parent, 2 strategies x 3 seeds, a failed and a pruned trial,
+    plus an experiment with only a failed run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    outputs = tmp_path_factory.mktemp("outputs")
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+    exp = client.create_experiment(STUDY, artifact_location=str(outputs / "mlartifacts"))
+    parent = client.create_run(exp, run_name=STUDY, tags={"sorabench.role": "study", "sorabench.study": STUDY})
+    pid = parent.info.run_id
+    now = int(time.time() * 1000)
+    trial = 0
+
+    def child(strategy, seed, state, metrics, reason=None):
+        nonlocal trial
+        tags = {"mlflow.parentRunId": pid, "sorabench.strategy": strategy, "optuna.trial_number": str(trial),
+                "optuna.state": state}
+        if reason:
+            tags["failure_reason"] = reason
+        run = client.create_run(exp, run_name=f"trial_{trial}", tags=tags)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, now + step, step) for k, points in metrics.items() for step, v in points],
+            params=[Param("seed", str(seed)), Param("conditioning.name", strategy)],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
+        trial += 1
+
+    for strategy in FVD:
+        for i, seed in enumerate(SEEDS):
+            fvd, acc = FVD[strategy][i], ACC[strategy][i]
+            child(strategy, seed, "COMPLETE", {
+                "val/loss": [(0, 1.0 + i), (10, 0.5 + i), (20, 0.25 + i)],
+                "train/loss": [(s, 1.0 / (s + 1)) for s in range(0, 21, 5)],
+                "eval/fvd": [(10, fvd * 2), (20, fvd)],
+                "eval/acc_all": [(20, acc)],
+                "eval/acc_all_seen": [(20, acc + 0.05)],
+                "eval/acc_all_unseen": [(20, acc - 0.05)],
+                "eval/chance_all": [(20, 1 / 288)],
+                "model/params": [(0, 12.5e6)],
+                "model/gflops": [(0, 3.2)],
+            })
+    child("cross_attention", 3, "FAIL", {"eval/fvd": [(20, 1.0)]}, reason="CUDA out of memory")
+    child("in_context", 3, "PRUNED", {"val/loss": [(0, 9.0)]}, reason="pruned at step 0")
+    lonely = client.create_experiment("only_failures", artifact_location=str(outputs / "mlartifacts2"))
+    run = client.create_run(lonely, tags={"optuna.state": "FAIL", "failure_reason": "nan loss"})
+    client.set_terminated(run.info.run_id, "FAILED")
+    plain = client.create_experiment("plain", artifact_location=str(outputs / "mlartifacts3"))
+    for seed, fvd in ((0, 5.0), (1, 7.0)):  # no parent run, no optuna tags: the MLflow status decides
+        run = client.create_run(plain)
+        client.log_batch(run.info.run_id, metrics=[Metric("eval/fvd", fvd, now, 0)],
+                         params=[Param("seed", str(seed)), Param("conditioning.name", "adaln_zero")])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return outputs, client, pid
+
+
+def report_cfg(outputs, *overrides):
+    return compose_config("report", [f"outputs={outputs}", *overrides], command="report")
+
+
+def test_end_to_end_report(store, capsys):
+    outputs, client, pid = store
+    cfg = report_cfg(outputs, f"study={STUDY}", "name=e2e")
+    assert main(cfg) == 0
+    out_dir = outputs / "report" / "e2e"
+    for f in ("report.md", "summary.csv", "pairwise.csv", "runs.csv", "val_loss.png", "eval_fvd.png"):
+        assert (out_dir / f).stat().st_size > 0, f
+    assert not (out_dir / "eval_acc_all.png").exists()  # a single point is no curve
+
+    summary = pd.read_csv(out_dir / "summary.csv").set_index("strategy")
+    assert list(summary.index) == ["cross_attention", "in_context"]  # lower FVD first
+    assert summary.loc["cross_attention", "eval/fvd_mean"] == pytest.approx(110.0)  # the failed run's 1.0 left out
+    assert summary.loc["in_context", "eval/fvd_mean"] == pytest.approx(150.0)
+    assert summary.loc["cross_attention", "eval/fvd_ci95"] == pytest.approx(mean_ci95([100, 110, 120])[1])
+    assert summary.loc["in_context", "eval/acc_all_mean"] == pytest.approx(0.12)
+    assert (summary["n"] == 3).all() and summary.loc["in_context", "model/params_mean"] == 12.5e6
+
+    runs = pd.read_csv(out_dir / "runs.csv")
+    assert len(runs) == 8 and set(runs.state) == {"COMPLETE", "FAIL", "PRUNED"}
+    pair = pd.read_csv(out_dir / "pairwise.csv")
+    fvd = pair[pair.metric == "eval/fvd"].iloc[0]
+    expected = stats.ttest_ind(FVD["cross_attention"], FVD["in_context"], equal_var=False)
+    assert fvd.welch_p == pytest.approx(expected.pvalue) and fvd.mwu_p == pytest.approx(0.1)
+
+    md = (out_dir / "report.md").read_text()
+    assert "CUDA out of memory" in md and "PRUNED" in md and "110 ± " in md and "![val/loss](val_loss.png)" in md
+    assert "best strategy is cross_attention" in md and "Mann–Whitney cannot reach" in md
+    assert "0.00347" in md  # chance of all attributes, stated
+    assert "cross_attention" in capsys.readouterr().out
+    logged = {a.path for a in client.list_artifacts(pid, "report")}
+    assert {"report/report.md", "report/summary.csv", "report/val_loss.png"} <= logged
+
+
+def test_accuracy_headline_maximizes(store, capsys):
+    outputs, _, _ = store
+    assert main(report_cfg(outputs, f"experiment={STUDY}", "metric=eval/acc_all", "name=acc")) == 0
+    summary = pd.read_csv(outputs / "report" / "acc" / "summary.csv")
+    assert list(summary.strategy) == ["cross_attention", "in_context"] and list(summary["rank"]) == [1, 2]
+
+
+def test_experiment_without_parent_run(store, capsys):
+    outputs, _, _ = store
+    assert main(report_cfg(outputs, "experiment=plain", "name=plain")) == 0
+    summary = pd.read_csv(outputs / "report" / "plain" / "summary.csv")
+    assert list(summary.strategy) == ["adaln_zero"] and summary["n"][0] == 2 and summary["eval/fvd_mean"][0] == 6.0
+    md = (outputs / "report" / "plain" / "report.md").read_text()
+    assert "only strategy" in md and "parent run: none" in md
+
+
+def test_unknown_experiment_is_config_error(store):
+    outputs, _, _ = store
+    with pytest.raises(ConfigError, match=r"study='nope'.*existing experiments: .*abl"):
+        main(report_cfg(outputs, "study=nope"))
+
+
+def test_cli_errors_are_one_line_exit_2(store, capsys):
+    from sorabench.cli import main as cli
+
+    outputs, _, _ = store
+    assert cli(["report", f"outputs={outputs}", "experiment=only_failures"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no completed runs" in err and "1 FAIL" in err and len(err.splitlines()) == 1
+    assert cli(["report", f"outputs={outputs}"]) == 2
+    assert "study=<name>" in capsys.readouterr().err
+    assert cli(["report", f"outputs={outputs}", f"study={STUDY}", "metric=eval/nope"]) == 2
+    assert "eval/nope" in capsys.readouterr().err
+
+
+def test_missing_store_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no MLflow database"):
+        main(report_cfg(tmp_path, "study=x"))
