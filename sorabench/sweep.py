@@ -8,7 +8,7 @@
 - Each trial builds its config with Hydra's compose API (`conf/<sweep.command>.yaml` + overrides), trains, evaluates
   and returns the objective(s). The Hydra Optuna sweeper plugin is not used: it pins optuna<3.
 - Storage: `sqlite:///<outputs>/optuna.db`, or a PostgreSQL URL so that the same command started on many machines
-  works on one study. Heartbeats mark a dead worker's trial failed; `RetryFailedTrialCallback` requeues it.
+  works on one study. Heartbeats mark a dead worker's trial failed; `RetryHeartbeatStaleTrialCallback` requeues it.
 - A trial's run directory (and so its checkpoint and MLflow run) is named after its grid cell, so a retried trial
   resumes the dead one's checkpoint and continues the same MLflow child run: nothing is duplicated or orphaned.
 """
@@ -20,9 +20,11 @@ import re
 import time
 import traceback
 
+import warnings
+
 import optuna
 from omegaconf import DictConfig, OmegaConf
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -72,9 +74,9 @@ def suggest(trial: optuna.Trial, sweep: dict) -> dict:
 def run_name(values: dict, sweep: dict, trial: optuna.Trial) -> str:
     """Grid: named after the cell (a retried trial finds the dead one's checkpoint); search: after the first try."""
     if sweep["mode"] == "grid":
-        parts = [f"{k.split('.')[-1]}={v}" for k, v in values.items() if k != "seed"] + [f"seed={values['seed']}"]
-        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts))
-    first = RetryFailedTrialCallback.retried_trial_number(trial)
+        parts = [str(v) for k, v in values.items() if k != "seed"] + [f"seed{values['seed']}"]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
     return f"trial-{trial.number if first is None else first}"
 
 
@@ -90,7 +92,7 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
             engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.heartbeat_interval,
             grace_period=cfg.grace_period,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=cfg.max_retry),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
         )
     except Exception as e:  # SQLAlchemy's OperationalError and friends: report the URL, not a traceback
         raise ConfigError(f"storage={url!r}: cannot open the Optuna storage ({str(e).splitlines()[0]})") from e
@@ -167,7 +169,7 @@ def trial_config(cfg: DictConfig, sweep: dict, values: dict, name: str) -> DictC
 
 
 def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
-    from sorabench.training.commands import NonFiniteLossError, train
+    from sorabench.training.commands import train
 
     def objective(trial: optuna.Trial):
         values = suggest(trial, sweep)
@@ -191,8 +193,9 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
         except optuna.TrialPruned as e:
             mark_run(tcfg, "PRUNED", str(e) or "pruned by the MedianPruner")
             raise
-        except (NonFiniteLossError, ConfigError, ValueError, RuntimeError) as e:
-            # Retrying cannot fix these: record why, and let the sweep go on.
+        except Exception as e:
+            # An error inside the trial (a NaN loss, a bad value, a bug) happens again on a retry: record why, mark
+            # it final, and let the sweep go on. Only a dead worker's trial (stale heartbeat) is retried.
             reason = f"{type(e).__name__}: {e}"
             trial.set_user_attr(FINAL_FAILURE, reason)
             mark_run(tcfg, "FAIL", reason)
@@ -241,7 +244,7 @@ def finished_count(study: optuna.Study, max_retry: int) -> tuple[int, int]:
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done += 1
         elif t.state == TrialState.FAIL:
-            retries = len(RetryFailedTrialCallback.retry_history(t))
+            retries = len(RetryHeartbeatStaleTrialCallback.retry_history(t))
             if FINAL_FAILURE in t.user_attrs or retries >= max_retry:
                 done += 1
         elif t.state == TrialState.RUNNING:
@@ -279,7 +282,9 @@ def main(cfg: DictConfig) -> int:
     objective = make_objective(cfg, sweep, parent_run_id)
     start = time.time()
     while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the retry callback
+        with warnings.catch_warnings():  # fail_stale_trials is marked experimental; it is what heartbeats are for
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
         done, running = finished_count(study, cfg.max_retry)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if done >= target:

@@ -49,9 +49,10 @@ def build_dataset(data_cfg: dict, split: str, train: bool | None = None) -> torc
 
 
 class VideoDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: dict):
+    def __init__(self, data_cfg: dict, train_splits: tuple[str, ...] = ("train",)):
         super().__init__()
         self.data_cfg = dict(data_cfg)
+        self.train_splits = tuple(train_splits)
         self.batch_size = int(data_cfg.get("batch_size", 32))
         self.num_workers = int(data_cfg.get("num_workers", 0))
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
@@ -61,12 +62,16 @@ class VideoDataModule(L.LightningDataModule):
             self.datasets[split] = build_dataset(self.data_cfg, split)
         return self.datasets[split]
 
-    def loader(self, split: str, shuffle: bool, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    def training_set(self) -> torch.utils.data.Dataset:
+        sets = [self.dataset(s) for s in self.train_splits]
+        return sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+
+    def loader(self, dataset, shuffle: bool, drop_last: bool = False) -> torch.utils.data.DataLoader:
         # The generator is seeded from the global RNG, which `seed_everything(seed, workers=True)` sets, so the
         # shuffle order and each worker's augmentation stream are reproducible.
         seed = int(torch.randint(2**31 - 1, (1,)))
         return torch.utils.data.DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
@@ -77,13 +82,14 @@ class VideoDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self.loader("train", shuffle=True, drop_last=len(self.dataset("train")) > self.batch_size)
+        train = self.training_set()
+        return self.loader(train, shuffle=True, drop_last=len(train) > self.batch_size)
 
     def val_dataloader(self):
-        return self.loader("val", shuffle=False)
+        return self.loader(self.dataset("val"), shuffle=False)
 
     def test_dataloader(self):
-        return self.loader("test", shuffle=False)
+        return self.loader(self.dataset("test"), shuffle=False)
 
 
 class SkippedSamplesReport(L.Callback):

@@ -24,7 +24,7 @@ def _normalised_entropy(shares: torch.Tensor) -> float:
     if k < 2:
         return 0.0
     p = shares[shares > 0]
-    return float(-(p * p.log()).sum() / math.log(k))
+    return float((p * (1.0 / p).log()).sum() / math.log(k))  # Σ p log(1/p): exactly +0.0 for a constant
 
 
 def _class_shares(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,20 +119,3 @@ def attribute_accuracy(
         }
     return report
 
-
-def alignment_scalars(report: dict, prefix: str = "align") -> dict[str, float]:
-    """The report's scalars as flat `prefix/...` keys for a metrics logger (confusion matrices and lists left out)."""
-    flat: dict[str, float] = {}
-    for subset in ("overall", "seen", "unseen"):
-        block = report[subset]
-        flat[f"{prefix}/{subset}/n"] = float(block["n"])
-        for attr, value in block["acc"].items():
-            flat[f"{prefix}/{subset}/acc/{attr}"] = value
-            flat[f"{prefix}/{subset}/chance_majority/{attr}"] = block["chance_majority"][attr]
-    for attr, value in report["chance_uniform"].items():
-        flat[f"{prefix}/chance_uniform/{attr}"] = value
-    for attr, stats in report["predictions"].items():
-        flat[f"{prefix}/pred_entropy/{attr}"] = stats["entropy"]
-        if stats["mean_softmax_entropy"] is not None:
-            flat[f"{prefix}/softmax_entropy/{attr}"] = stats["mean_softmax_entropy"]
-    return flat

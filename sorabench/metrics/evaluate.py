@@ -68,11 +68,13 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     logger = make_logger(cfg)
     trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
     t0 = time.time()
-    fit(trainer, module, VideoDataModule(data), run_dir)
-    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test", "unseen")}
-    table = Table("attribute", "test (seen+unseen)", "unseen compositions", title="evaluator accuracy")
+    # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
+    # compositions, so it reads unseen prompts' clips as well as seen ones.
+    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
+    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
+    table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
     for name in [*ATTRIBUTE_NAMES, "all"]:
-        table.add_row(name, f"{accuracy['test'][name]:.3f}", f"{accuracy['unseen'][name]:.3f}")
+        table.add_row(name, f"{accuracy['test'][name]:.3f}")
     console.print(table)
     if logger is not None:
         logger.log_metrics({f"heldout/{split}/acc_{k}": v for split, acc in accuracy.items() for k, v in acc.items()})

@@ -129,7 +129,8 @@ def run_vae_training(cfg: DictConfig) -> Path:
     callbacks = [TagCheckpointKind("vae"), SkippedSamplesReport()]
     trainer = build_trainer(cfg, logger, callbacks, monitor="val/psnr", mode="max")
     t0 = time.time()
-    fit(trainer, module, VideoDataModule(to_container(cfg.data)), run_dir)
+    data = {**to_container(cfg.data), "batch_size": cfg.vae.batch_size}
+    fit(trainer, module, VideoDataModule(data), run_dir)
     ckpt = last_checkpoint(run_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result = {"ckpt": str(ckpt), "metrics": metrics, "scale_factor": float(module.scale_factor),
@@ -265,7 +266,7 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         vocab = LearnedTextEncoder.from_captions(train_cache["captions"]).vocab
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
-    module.vae = vae
+    module.attach_vae(vae)
     logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": cfg.conditioning.name},
                          parent_run_id=parent_run_id)
     trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")
@@ -302,7 +303,7 @@ def prepare_shared_assets(cfg: DictConfig):
 
 def load_dit(path: str | Path) -> DiTModule:
     module = load_checkpoint_module(DiTModule, path, "dit").eval()
-    module.vae = load_vae(module.hparams.vae_ckpt)
+    module.attach_vae(load_vae(module.hparams.vae_ckpt))
     return module
 
 

@@ -71,7 +71,13 @@ class DiTModule(L.LightningModule):
             **dit,
             **cond_kwargs,
         )
-        self.vae = None  # attached by the commands for sample videos; not part of this module's state
+        self.attach_vae(None)
+
+    def attach_vae(self, vae) -> None:
+        """The VAE that decodes samples. Kept out of the module's children on purpose: it is trained and checkpointed
+        on its own (the DiT's hparams name its checkpoint), so it must not enter this state_dict, the EMA or the
+        optimiser."""
+        object.__setattr__(self, "vae", vae.eval() if vae is not None else None)
 
     # ---- text ----------------------------------------------------------------------------------------------
     def encode_text(self, captions: list[str]) -> TextEmbedding:
@@ -142,6 +148,7 @@ class DiTModule(L.LightningModule):
         """Videos (B, 3, T, H, W) in [-1, 1], decoded by the attached VAE, sampled in batches."""
         if self.vae is None:
             raise RuntimeError("no VAE attached to decode samples (DiTModule.vae)")
+        self.vae.to(self.device)
         videos = []
         for i in range(0, len(captions), batch_size):
             latents = self.sample_latents(captions[i : i + batch_size], steps, guidance_scale, seed + i)

@@ -21,7 +21,7 @@ class EvaluatorModule(L.LightningModule):
         attributes: dict[str, int],
         width: int = 32,
         feature_dim: int = 128,
-        time_bins: int = 4,
+        time_bins: int = 8,
         lr: float = 3e-3,
         weight_decay: float = 1e-2,
         warmup_steps: int = 20,

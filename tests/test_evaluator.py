@@ -1,0 +1,114 @@
+"""Tests of the evaluator network and its LightningModule, on tiny clips rendered here."""
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sorabench.models.evaluator import VideoAttributeClassifier
+from sorabench.training.evaluator_module import EvaluatorModule
+
+TINY_ATTRIBUTES = {"colour": 3, "direction": 4}
+COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])  # red, green, blue in [-1, 1]
+STEPS = torch.tensor([[0, -1], [0, 1], [-1, 0], [1, 0]])  # (dy, dx) per frame: left, right, up, down
+
+
+def render_squares(n: int, seed: int, frames: int = 8, size: int = 16) -> dict:
+    """A batch dict of n clips: a 4x4 square of one of 3 colours moving 1 pixel per frame in one of 4 directions."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.stack([torch.randint(3, (n,), generator=g), torch.randint(4, (n,), generator=g)], dim=1)
+    video = -torch.ones(n, 3, frames, size, size)
+    travel = frames - 1
+    for i in range(n):
+        dy, dx = STEPS[labels[i, 1]].tolist()
+        # Start where the whole path stays inside the frame.
+        y0, x0 = (int(torch.randint(0, size - 4 - travel * abs(d) + 1, (1,), generator=g)) for d in (dy, dx))
+        y0, x0 = (y0 + travel if dy < 0 else y0), (x0 + travel if dx < 0 else x0)
+        for t in range(frames):
+            y, x = y0 + dy * t, x0 + dx * t
+            video[i, :, t, y : y + 4, x : x + 4] = COLOURS[labels[i, 0]].view(3, 1, 1)
+    return {"video": video, "labels": labels, "unseen": torch.zeros(n, dtype=torch.bool), "caption": [""] * n}
+
+
+def loader(batch: dict, batch_size: int, shuffle: bool = False) -> torch.utils.data.DataLoader:
+    items = [{"video": v, "labels": y} for v, y in zip(batch["video"], batch["labels"])]
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle)
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_classifier_shapes_for_8_and_16_frames_and_single_frames():
+    net = VideoAttributeClassifier({"colour": 6, "shape": 3, "size": 2, "direction": 4, "speed": 2}, width=8)
+    for frames in (8, 16):
+        video = torch.randn(2, 3, frames, 32, 32)
+        logits = net(video)
+        assert {k: tuple(v.shape) for k, v in logits.items()} == {
+            "colour": (2, 6), "shape": (2, 3), "size": (2, 2), "direction": (2, 4), "speed": (2, 2)
+        }  # fmt: skip
+        assert net.features(video).shape == (2, 128)
+        assert net.frame_features(video).shape == (2 * frames, 128)
+
+
+def test_frame_features_do_not_depend_on_neighbouring_frames():
+    net = VideoAttributeClassifier(TINY_ATTRIBUTES, width=4).eval()
+    clips = render_squares(2, seed=0)["video"]
+    shuffled = clips[:, :, torch.randperm(8)]
+    with torch.no_grad():
+        a, b = net.frame_features(clips).view(2, 8, -1), net.frame_features(shuffled).view(2, 8, -1)
+    assert torch.allclose(a.sort(1).values, b.sort(1).values, atol=1e-5)
+
+
+def test_fast_dev_run_logs_the_expected_keys():
+    data = render_squares(8, seed=0)
+    module = EvaluatorModule(TINY_ATTRIBUTES, width=4)
+    trainer = quiet_trainer(fast_dev_run=True)
+    trainer.fit(module, loader(data, 4), loader(data, 4))
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss", "val/loss", "val/acc/colour", "val/acc/direction", "val/acc/all"} <= logged
+
+
+def test_learns_a_tiny_synthetic_task_and_reloads_from_checkpoint(tmp_path):
+    L.seed_everything(0)
+    train, held_out = render_squares(384, seed=1), render_squares(128, seed=2)
+    module = EvaluatorModule(TINY_ATTRIBUTES, width=8, feature_dim=32, lr=1e-2, warmup_steps=5)
+    trainer = quiet_trainer(max_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader(train, 32, shuffle=True))
+    metrics = trainer.validate(module, loader(held_out, 128), verbose=False)[0]
+    assert metrics["val/acc/colour"] >= 0.95, metrics
+    assert metrics["val/acc/direction"] >= 0.9, metrics
+
+    path = tmp_path / "evaluator.ckpt"
+    trainer.save_checkpoint(path)
+    restored = EvaluatorModule.load_from_checkpoint(path).eval()
+    assert restored.hparams.attributes == TINY_ATTRIBUTES
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(restored.net.features(held_out["video"]), module.net.features(held_out["video"]))
+
+
+@pytest.mark.slow
+def test_reaches_95_percent_on_every_shapes_attribute():
+    """The embedded default must read every attribute of held-out `shapes` clips (minutes on 2 cores)."""
+    from sorabench.data.shapes import ATTRIBUTES, ShapesConfig, ShapesDataset
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "metrics" / "evaluator.yaml").evaluator
+    L.seed_everything(0)
+    shapes = ShapesConfig()
+    train = torch.utils.data.DataLoader(ShapesDataset(shapes, "train"), batch_size=cfg.batch_size, shuffle=True)
+    test = torch.utils.data.DataLoader(ShapesDataset(shapes, "test"), batch_size=256)  # seen + unseen compositions
+    hparams = {k: v for k, v in cfg.items() if k not in ("max_steps", "batch_size")}
+    module = EvaluatorModule({name: len(values) for name, values in ATTRIBUTES.items()}, **hparams)
+    trainer = quiet_trainer(max_steps=cfg.max_steps)
+    trainer.fit(module, train)
+    metrics = trainer.validate(module, test, verbose=False)[0]
+    assert all(metrics[f"val/acc/{name}"] >= 0.95 for name in ATTRIBUTES), metrics

@@ -1,0 +1,135 @@
+"""Sweeps end to end with tiny trials: grid on SQLite, crash and resume, and two workers on PostgreSQL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pytest
+from omegaconf import open_dict
+from optuna.trial import TrialState
+
+from sorabench.config import ConfigError, compose_config
+from sorabench.sweep import grid_space, main as sweep_main, parse_space
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+TWO_CELLS = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
+
+
+def sweep_cli_args(outputs, extra=()):
+    overrides = ",".join(json.dumps(o) for o in TINY)
+    return [f"outputs={outputs}", *TWO_CELLS, f"overrides=[{overrides}]", *extra]
+
+
+def children(tracking_uri, study):
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sorabench.role") == "study"]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return client, parents, kids
+
+
+def test_search_space_validation():
+    with pytest.raises(ConfigError, match="sweep.params.optim.lr"):
+        parse_space({"mode": "grid", "params": {"optim.lr": {"low": 1e-4, "high": 1e-3}}})
+    with pytest.raises(ConfigError, match="low must be below high"):
+        parse_space({"mode": "search", "params": {"optim.lr": {"low": 1e-2, "high": 1e-3}}})
+    space = grid_space({"mode": "grid", "params": {"conditioning": {"choices": ["a", "b"]}}, "seeds": [0, 1, 2]})
+    assert space == {"conditioning": ["a", "b"], "seed": [0, 1, 2]}
+
+
+def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
+    cfg = compose_config("sweep", [f"outputs={tmp_path}", *TWO_CELLS], command="sweep")
+    with open_dict(cfg):
+        cfg.overrides = TINY
+    assert sweep_main(cfg) == 0
+    client, parents, kids = children(cfg.mlflow.tracking_uri, cfg.study)
+    assert len(parents) == 1 and len(kids) == 2
+    assert {k.data.tags["sorabench.strategy"] for k in kids} == {"adaln_zero", "in_context"}
+    for kid in kids:
+        assert kid.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert kid.data.tags["optuna.state"] == "COMPLETE" and kid.info.status == "FINISHED"
+        assert "eval/fvd" in kid.data.metrics and "eval/acc_all" in kid.data.metrics
+        assert "dit.width" in kid.data.params
+        assert {a.path for a in client.list_artifacts(kid.info.run_id)} >= {"config.yaml", "samples"}
+    study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    report = tmp_path / "report" / "default" / "report.md"
+    assert report.is_file() and "adaln_zero" in report.read_text()
+    # Rerunning a finished sweep runs nothing new.
+    assert sweep_main(cfg) == 0
+    assert len(optuna.load_study(study_name=cfg.study, storage=cfg.storage).trials) == 2
+
+
+def run_sweep(outputs, extra=(), **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sorabench.cli", "sweep", *sweep_cli_args(outputs, extra)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    proc = run_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name="conditioning_ablation", storage=storage).trials
+        except Exception:
+            continue
+        if any(t.state == TrialState.RUNNING for t in trials) and any(
+            t.state == TrialState.COMPLETE for t in trials
+        ):
+            os.kill(proc.pid, signal.SIGKILL)  # mid second trial
+            killed = True
+            break
+    proc.wait()
+    assert killed, "the sweep finished before it could be killed"
+    proc = run_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="conditioning_ablation", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    assert sorted(t.params["conditioning"] for t in complete) == ["adaln_zero", "in_context"]
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1  # the killed trial, failed by its stale heartbeat and retried
+    _, parents, kids = children(f"sqlite:///{tmp_path}/mlflow.db", "conditioning_ablation")
+    # The retry continued the dead trial's MLflow run: one child per grid cell, none orphaned.
+    assert len(parents) == 1 and len(kids) == 2
+    assert all(k.info.status == "FINISHED" for k in kids)
+
+
+def postgres_url():
+    url = os.environ.get("SORABENCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3}).connect().close()
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL reachable at {url} ({type(e).__name__}); set SORABENCH_TEST_POSTGRES")
+    return url
+
+
+def test_two_workers_share_one_study_on_postgres(tmp_path):
+    url = postgres_url()
+    study = f"pg-{uuid.uuid4().hex[:8]}"
+    extra = [f"storage={url}", f"study={study}", "report=false", "sweep.seeds=[0,1]"]
+    workers = [run_sweep(tmp_path, extra=extra) for _ in range(2)]
+    outs = [w.communicate(timeout=900)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
+    trials = optuna.load_study(study_name=study, storage=url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert len({t.number for t in complete}) == 4
+    assert len({(t.params["conditioning"], t.params["seed"]) for t in complete}) == 4  # every cell exactly once
+    optuna.delete_study(study_name=study, storage=url)
