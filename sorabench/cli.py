@@ -7,7 +7,10 @@ A wrong key or value, or bad input data, is one line on stderr and exit code 2 â
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import warnings
 
 from sorabench.config import ConfigError, compose_config
 
@@ -64,7 +67,25 @@ def command_help(command: str) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries():
+    """Keep the terminal for sorabench's own output: no telemetry (these machines are offline), no tips, and no
+    warnings that a user cannot act on."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    for message in (
+        ".*LeafSpec.*",  # a Lightning-internal deprecation
+        ".*module\\(s\\) in eval mode.*",  # frozen feature networks and text encoders are eval on purpose
+        ".*will save all extracted features in buffer.*",  # KID: bounded by metrics.n_real / n_samples
+        ".*smaller than the logging interval.*",
+        ".*does not have many workers.*",  # in-memory datasets need no loader workers
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -15,20 +15,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sorabench.data.module import build_dataset
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from sorabench.data.folder import collate_skipping
+from sorabench.data.module import build_dataset, clip_fields
+from sorabench.metrics.features import file_sha256
 
 
 def cache_key(vae_ckpt: str | Path, data_cfg: dict, split: str) -> str:
-    loader_free = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
-    blob = json.dumps({"vae": file_sha256(vae_ckpt), "data": loader_free, "split": split}, sort_keys=True)
+    blob = json.dumps({"vae": file_sha256(vae_ckpt), "data": clip_fields(data_cfg), "split": split}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -40,11 +33,13 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 def encode_split(vae_module, data_cfg: dict, split: str, batch_size: int = 64) -> dict:
     """Encode every clip of a split (in evaluation mode: centre crops, no augmentation)."""
     dataset = build_dataset(data_cfg, split, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping)
     vae_module.eval()
     means, logvars, captions, labels, unseen = [], [], [], [], []
     device = next(vae_module.parameters(), torch.zeros(())).device
     for batch in loader:
+        if "video" not in batch:  # every clip of this batch was skipped (folder data, on_error: skip)
+            continue
         mean, logvar = vae_module.vae.encode(batch["video"].to(device))
         means.append(mean.cpu())
         logvars.append(logvar.float().clamp(min=-30).cpu())  # the identity VAE's logvar is -inf-like

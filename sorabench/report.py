@@ -547,6 +547,8 @@ def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_di
     from rich.table import Table
 
     console = Console(soft_wrap=True)
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
+        console = Console(soft_wrap=True, width=200)
     key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
     table = Table("rank", "strategy", "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs",
                   title=f"strategies by {metric} (mean ± 95% CI)")

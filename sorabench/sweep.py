@@ -19,8 +19,8 @@ import math
 import re
 import time
 import traceback
-
 import warnings
+from pathlib import Path
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +31,9 @@ from rich.console import Console
 from sorabench.config import ConfigError, compose_config, require, to_container
 from sorabench.tracking import check_tracking_uri, git_commit, package_versions
 
-console = Console()
+console = Console(soft_wrap=True)
+# Heartbeats and their retry callback are what distributed studies need; Optuna still labels them experimental.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 FINAL_FAILURE = "final_failure"  # user attr of a trial that failed for a reason a retry cannot fix
 
 
@@ -71,18 +73,22 @@ def suggest(trial: optuna.Trial, sweep: dict) -> dict:
     return values
 
 
-def run_name(values: dict, sweep: dict, trial: optuna.Trial) -> str:
+def run_name(study: str, values: dict, sweep: dict, trial: optuna.Trial) -> str:
     """Grid: named after the cell (a retried trial finds the dead one's checkpoint); search: after the first try."""
     if sweep["mode"] == "grid":
         parts = [str(v) for k, v in values.items() if k != "seed"] + [f"seed{values['seed']}"]
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
-    first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    return f"trial-{trial.number if first is None else first}"
+        cell = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    else:
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        cell = f"trial-{trial.number if first is None else first}"
+    return f"{study}/{cell}"  # under the study: two studies in one outputs/ never share (or reuse) a run
 
 
 def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     url = cfg.storage
     engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql"):
         # Fail in seconds, naming the URL, instead of hanging on an unreachable server.
         engine_kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
@@ -173,7 +179,7 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
 
     def objective(trial: optuna.Trial):
         values = suggest(trial, sweep)
-        name = run_name(values, sweep, trial)
+        name = run_name(cfg.study, values, sweep, trial)
         tcfg = trial_config(cfg, sweep, values, name)
         trial.set_user_attr("run_name", name)
         callbacks = []
@@ -217,8 +223,6 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
 
 def mark_run(tcfg: DictConfig, state: str, reason: str | None):
     """Record the Optuna state (and a failure reason) on the trial's MLflow child run."""
-    from pathlib import Path
-
     from sorabench.tracking import RUN_ID_FILE
 
     id_file = Path(tcfg.run_dir) / RUN_ID_FILE
@@ -269,7 +273,7 @@ def main(cfg: DictConfig) -> int:
     # Compose one trial's config up front: a typo in the sweep YAML or overrides fails now, not after hours.
     probe = grid_space(sweep) if sweep["mode"] == "grid" else {}
     first = {k: v[0] for k, v in probe.items()}
-    trial_config(cfg, sweep, first, "config-check")
+    check_cfg = trial_config(cfg, sweep, first, f"{cfg.study}/config-check")
 
     storage = make_storage(cfg)
     study = create_study(cfg, sweep, storage)
@@ -278,13 +282,11 @@ def main(cfg: DictConfig) -> int:
 
     from sorabench.training.commands import prepare_shared_assets
 
-    prepare_shared_assets(trial_config(cfg, sweep, first, "config-check"))  # the VAE and evaluator, once per sweep
+    prepare_shared_assets(check_cfg)  # the VAE and the evaluator, once per sweep, before any trial
     objective = make_objective(cfg, sweep, parent_run_id)
     start = time.time()
     while True:
-        with warnings.catch_warnings():  # fail_stale_trials is marked experimental; it is what heartbeats are for
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
         done, running = finished_count(study, cfg.max_retry)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if done >= target:
@@ -298,7 +300,7 @@ def main(cfg: DictConfig) -> int:
     if cfg.report and cfg.mlflow.enabled:
         from sorabench.report import main as report_main
 
-        rcfg = compose_config("report", [f"outputs={cfg.outputs}", f"study={cfg.study}",
+        rcfg = compose_config("report", [f"outputs={cfg.outputs}", f"study={cfg.study}", f"name={cfg.study}",
                                          f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
                                          f"metric={sweep['objectives'][0]['metric']}"], command="report")
         report_main(rcfg)

@@ -36,6 +36,14 @@ def check_tracking_uri(uri: str, timeout: float = 3.0):
         Path(uri.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
 
 
+def process_rank() -> int:
+    """This process's global rank as Lightning's launchers set it (0 outside distributed runs)."""
+    import os
+
+    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", node * 1000 + local if node else local))
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("sorabench", "torch", "lightning", "torchmetrics", "mlflow", "optuna", "hydra-core"):
@@ -62,8 +70,8 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
     The run id is stored in the run directory, so running the same command again (a resume after a crash)
     continues the same MLflow run and its metric steps instead of opening a new one.
     """
-    if not cfg.mlflow.enabled:
-        return None
+    if not cfg.mlflow.enabled or process_rank() > 0:
+        return None  # under DDP the launcher reruns the command per process: only the first one tracks
     from lightning.pytorch.loggers import MLFlowLogger
 
     check_tracking_uri(cfg.mlflow.tracking_uri)

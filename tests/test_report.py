@@ -158,7 +158,7 @@ def store(tmp_path_factory):
     """One sqlite MLflow store for the module: a study parent, 2 strategies x 3 seeds, a failed and a pruned trial,
     plus an experiment with only a failed run."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     outputs = tmp_path_factory.mktemp("outputs")
     client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")

@@ -15,7 +15,8 @@ from omegaconf import open_dict
 from optuna.trial import TrialState
 
 from sorabench.config import ConfigError, compose_config
-from sorabench.sweep import grid_space, main as sweep_main, parse_space
+from sorabench.sweep import grid_space, parse_space
+from sorabench.sweep import main as sweep_main
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow

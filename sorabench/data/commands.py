@@ -54,7 +54,6 @@ def contact_sheet(path: Path, videos: list, captions: list[str]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import torch
 
     t, width = videos[0].shape[1], videos[0].shape[3]

@@ -155,11 +155,17 @@ class FolderDataset(torch.utils.data.Dataset):
         self.skipped: list[str] = []  # reasons for entries dropped at setup (on_error: skip)
         entries = []
         for rel, caption, where in read_captions(self.captions_file):
+            if split_of(rel, cfg) != split:
+                continue
             if not (self.root / rel).is_file():
                 self._bad(f"{where}: video {rel!r} not found under {self.root}")
                 continue
-            if split_of(rel, cfg) == split:
-                entries.append((rel, caption))
+            try:  # the container header, not the frames: cheap, and catches unreadable files before training
+                probe(self.root / rel)
+            except VideoReadError as e:
+                self._bad(str(e))
+                continue
+            entries.append((rel, caption))
         if not entries and not self.skipped:
             raise DataError(f"{self.captions_file}: no entries in split {split!r}")
         self.entries = entries

@@ -20,6 +20,11 @@ from sorabench.data.shapes import ShapesConfig, ShapesDataset
 LOADER_FIELDS = ("name", "batch_size", "num_workers")
 
 
+def clip_fields(data_cfg: dict) -> dict:
+    """The data config without how it is batched: what defines the clips, for cache keys."""
+    return {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
+
+
 def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:
     """The dataset's own config from the `data` config group (loader fields removed); validates field names."""
     fields = {k: v for k, v in data_cfg.items() if k not in LOADER_FIELDS}

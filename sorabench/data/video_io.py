@@ -23,38 +23,34 @@ def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
     return frames.numpy()
 
 
-def write_video(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
-    """Write an H.264 mp4 (yuv420p, near-lossless CRF) that any player opens."""
-    frames = to_uint8_frames(video, scale)
+def encode_frames(path: str | Path, frames: np.ndarray, codec: str, pix_fmt: str, fps: int, **container_kw) -> Path:
+    """Encode uint8 frames (T, H, W, 3) into a file with PyAV."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:  # yuv420p needs even sizes; pad with the edge rather than crop content away
-        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+    with av.open(str(path), mode="w", **container_kw) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12"}
+        stream.pix_fmt = pix_fmt
+        if codec == "libx264":
+            stream.options = {"crf": "12"}  # near-lossless: previews should show the model, not the codec
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def write_video(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
+    """Write an H.264 mp4 (yuv420p) that any player opens."""
+    frames = to_uint8_frames(video, scale)
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:  # yuv420p needs even sizes; pad with the edge rather than crop content away
+        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    return encode_frames(path, frames, "libx264", "yuv420p", fps)
 
 
 def write_gif(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
     """Write a looping GIF (8-bit palette per frame)."""
-    frames = to_uint8_frames(video, scale)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format="gif") as container:
-        stream = container.add_stream("gif", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb8"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    return encode_frames(path, to_uint8_frames(video, scale), "gif", "rgb8", fps, format="gif")
 
 
 class VideoReadError(RuntimeError):

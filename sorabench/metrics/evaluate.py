@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sorabench.config import ConfigError, compose_config, require, to_container
-from sorabench.data.module import build_dataset, dataset_config
+from sorabench.data.module import build_dataset, clip_fields
 from sorabench.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES
 from sorabench.metrics.alignment import attribute_accuracy
 from sorabench.metrics.features import build_feature_networks
@@ -99,26 +99,18 @@ def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
 
 def ensure_evaluator(cfg: DictConfig) -> Path:
     """The evaluator checkpoint: `metrics.evaluator_checkpoint`, or one trained once for this data config."""
-    from sorabench.training.commands import config_key, finished_result, run_lock
+    from sorabench.training.commands import shared_asset_config, train_shared_asset
 
     if cfg.metrics.get("evaluator_checkpoint"):
         path = Path(cfg.metrics.evaluator_checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"metrics.evaluator_checkpoint={str(path)!r} does not exist")
         return path
-    data = {k: v for k, v in to_container(cfg.data).items() if k not in ("batch_size", "num_workers")}
-    key = config_key(data, to_container(cfg.metrics.evaluator))
-    ecfg = compose_config("train_evaluator", [f"outputs={cfg.outputs}", f"name=auto-{key}"], command="train_evaluator")
-    with open_dict(ecfg):
-        ecfg.data = cfg.data
-        ecfg.metrics.evaluator = cfg.metrics.evaluator
-        ecfg.trainer.max_steps = cfg.metrics.evaluator.max_steps
-        ecfg.trainer.progress_bar = cfg.trainer.progress_bar
-        ecfg.mlflow.enabled, ecfg.mlflow.tracking_uri = cfg.mlflow.enabled, cfg.mlflow.tracking_uri
-    with run_lock(Path(ecfg.run_dir)):
-        if not finished_result(ecfg.run_dir):
-            console.print(f"training the shared evaluator ({cfg.metrics.evaluator.max_steps} steps) in {ecfg.run_dir}")
-        return run_evaluator_training(ecfg)
+    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
+    evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
+    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(to_container(cfg.data)), to_container(evaluator)),
+                              {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps})
+    return train_shared_asset(sub, run_evaluator_training, "evaluator")
 
 
 def load_evaluator(path: str | Path):
@@ -132,8 +124,7 @@ def load_evaluator(path: str | Path):
 
 
 def data_fingerprint(data_cfg: dict) -> str:
-    loader_free = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
-    return hashlib.sha256(json.dumps(loader_free, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(clip_fields(data_cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:

@@ -11,19 +11,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import pickle
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, require, to_container
-from sorabench.data.module import SkippedSamplesReport, VideoDataModule, dataset_config
-from sorabench.latents import LatentDataModule, cache_path, cache_key, load_or_encode
-from sorabench.tracking import log_artifact, make_logger
+from sorabench.data.module import SkippedSamplesReport, VideoDataModule, clip_fields, dataset_config
+from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
+from sorabench.tracking import check_tracking_uri, make_logger
 from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
 from sorabench.training.trainer import build_trainer, fit, last_checkpoint
 
@@ -61,7 +62,12 @@ def load_checkpoint_module(cls, path: str | Path, kind: str):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects could run code.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: refused to load, it holds objects beyond tensors and plain values "
+                          f"(weights_only=True): {str(e).splitlines()[0]}") from e
     found = ckpt.get("sorabench_kind")
     if found != kind:
         raise ConfigError(f"{path} is a {found or 'non-sorabench'} checkpoint, expected a {kind} checkpoint")
@@ -154,18 +160,32 @@ def ensure_vae(cfg: DictConfig) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"vae_ckpt={str(path)!r} does not exist (train one with `sorabench train-vae`)")
         return path
-    data = {k: v for k, v in to_container(cfg.data).items() if k not in ("num_workers",)}
-    key = config_key(to_container(cfg.vae), data)
-    vcfg = compose_config("train_vae", [f"outputs={cfg.outputs}", f"name=auto-{key}"], command="train_vae")
-    with open_dict(vcfg):
-        vcfg.data, vcfg.vae = cfg.data, cfg.vae
-        vcfg.mlflow.enabled, vcfg.mlflow.tracking_uri = cfg.mlflow.enabled, cfg.mlflow.tracking_uri
-        vcfg.trainer.progress_bar = cfg.trainer.progress_bar
-        vcfg.trainer.max_steps = cfg.vae.max_steps
-    with run_lock(Path(vcfg.run_dir)):
-        if not finished_result(vcfg.run_dir):
-            console.print(f"training the shared VAE ({cfg.vae.max_steps} steps) in {vcfg.run_dir}")
-        return run_vae_training(vcfg)
+    sub = shared_asset_config(cfg, "train_vae", (to_container(cfg.vae), clip_fields(to_container(cfg.data))),
+                              {"vae": cfg.vae, "trainer.max_steps": cfg.vae.max_steps})
+    return train_shared_asset(sub, run_vae_training, "VAE")
+
+
+def shared_asset_config(cfg: DictConfig, config_name: str, key_parts: tuple, settings: dict) -> DictConfig:
+    """The config of a run that every trial shares (the VAE, the evaluator): `conf/<config_name>.yaml` under
+    `cfg.outputs`, named `auto-<hash of key_parts>` so that no other config reuses it, with the caller's data,
+    tracking and progress-bar settings and `settings` (dotted keys) on top."""
+    sub = compose_config(config_name, [f"outputs={cfg.outputs}", f"name=auto-{config_key(*key_parts)}"],
+                         command=config_name)
+    with open_dict(sub):
+        sub.data = cfg.data
+        sub.mlflow.enabled, sub.mlflow.tracking_uri = cfg.mlflow.enabled, cfg.mlflow.tracking_uri
+        sub.trainer.progress_bar = cfg.trainer.progress_bar
+        for key, value in settings.items():
+            OmegaConf.update(sub, key, value, merge=False)
+    return sub
+
+
+def train_shared_asset(sub: DictConfig, train_fn, what: str) -> Path:
+    """Train a shared asset once: concurrent sweep workers wait on a lock, later ones find its result."""
+    with run_lock(Path(sub.run_dir)):
+        if not finished_result(sub.run_dir):
+            console.print(f"training the shared {what} ({sub.trainer.max_steps} steps) in {sub.run_dir}")
+        return train_fn(sub)
 
 
 def load_vae(path: str | Path):
@@ -200,6 +220,13 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "must be >= 1")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
+    if cfg.mlflow.enabled:
+        check_tracking_uri(cfg.mlflow.tracking_uri)
+    if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
+        for net in ("fvd", "fid"):
+            path = Path(cfg.metrics[net].path)
+            if not path.is_file():
+                raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
     from sorabench.models.dit import check_patch_size
     from sorabench.models.vae import build_vae
 
@@ -277,6 +304,8 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         import optuna
 
         raise optuna.TrialPruned(f"pruned at step {trainer.global_step} (val/loss)")
+    if not trainer.is_global_zero:  # DDP: the other processes only helped train
+        return {"run_id": None, "ckpt": str(last_checkpoint(run_dir)), "metrics": {}}
     metrics = {"time/train_seconds": train_seconds}
     if cfg.evaluate.enabled:
         from sorabench.metrics.evaluate import evaluate_module
@@ -286,7 +315,8 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         metrics.setdefault(k, float(v))
     if logger is not None:
         logger.log_metrics({"time/train_seconds": train_seconds}, step=trainer.global_step)
-    result = {"run_id": getattr(logger, "run_id", None), "ckpt": str(last_checkpoint(run_dir)), "metrics": metrics}
+    result = {"run_id": getattr(logger, "run_id", None), "ckpt": str(last_checkpoint(run_dir)), "metrics": metrics,
+              "world_size": trainer.world_size}
     write_result(run_dir, result)
     return result
 
@@ -295,7 +325,8 @@ def prepare_shared_assets(cfg: DictConfig):
     """Train what every trial of a sweep shares (VAE, evaluator) before the trials start."""
     validate_train_config(cfg)
     ensure_vae(cfg)
-    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+    evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
+    if evaluating and (cfg.metrics.features == "evaluator" or cfg.data.name == "shapes"):
         from sorabench.metrics.evaluate import ensure_evaluator
 
         ensure_evaluator(cfg)

@@ -95,5 +95,6 @@ def build_trainer(
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, run_dir: str | Path):
     """trainer.fit, resuming from `<run_dir>/checkpoints/last.ckpt` when a previous run left one."""
-    ckpt = last_checkpoint(run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt and not trainer.fast_dev_run else None)
+    ckpt = last_checkpoint(run_dir) if not trainer.fast_dev_run else None
+    # weights_only: a checkpoint is data, never code (sorabench's hparams are plain Python values).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
