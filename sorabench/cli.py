@@ -74,6 +74,7 @@ def quiet_libraries():
     os.environ.setdefault("DO_NOT_TRACK", "true")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     for message in (
         ".*LeafSpec.*",  # a Lightning-internal deprecation
         ".*module\\(s\\) in eval mode.*",  # frozen feature networks and text encoders are eval on purpose

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 import traceback
@@ -92,16 +93,21 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     if url.startswith("postgresql"):
         # Fail in seconds, naming the URL, instead of hanging on an unreachable server.
         engine_kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.heartbeat_interval,
-            grace_period=cfg.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
-        )
-    except Exception as e:  # SQLAlchemy's OperationalError and friends: report the URL, not a traceback
-        raise ConfigError(f"storage={url!r}: cannot open the Optuna storage ({str(e).splitlines()[0]})") from e
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=cfg.grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=cfg.max_retry),
+            )
+        except Exception as e:  # SQLAlchemy's OperationalError and friends: report the URL, not a traceback
+            # Workers started together on an empty database race to create Optuna's tables; the loser retries
+            # and finds them. A server that is not there fails the same way every time.
+            if attempt == 2:
+                raise ConfigError(f"storage={url!r}: cannot open the Optuna storage ({str(e).splitlines()[0]})") from e
+            time.sleep(1 + random.random())
 
 
 def create_study(cfg: DictConfig, sweep: dict, storage) -> optuna.Study:

@@ -33,7 +33,16 @@ def check_tracking_uri(uri: str, timeout: float = 3.0):
         except OSError as e:
             raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot reach the tracking server ({e})") from e
     elif parsed.scheme.startswith("sqlite"):
-        Path(uri.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.split("///", 1)[-1])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Several workers sharing one sqlite file would race to create MLflow's tables: create them under a lock.
+        import fcntl
+
+        import mlflow
+
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def process_rank() -> int:

@@ -63,7 +63,7 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
         assert {a.path for a in client.list_artifacts(kid.info.run_id)} >= {"config.yaml", "samples"}
     study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
-    report = tmp_path / "report" / "default" / "report.md"
+    report = tmp_path / "report" / cfg.study / "report.md"  # one report folder per study
     assert report.is_file() and "adaln_zero" in report.read_text()
     # Rerunning a finished sweep runs nothing new.
     assert sweep_main(cfg) == 0

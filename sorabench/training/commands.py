@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, require, to_container
-from sorabench.data.module import SkippedSamplesReport, VideoDataModule, clip_fields, dataset_config
+from sorabench.data.module import SkippedSamplesReport, VideoDataModule, build_dataset, clip_fields, dataset_config
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
 from sorabench.tracking import check_tracking_uri, make_logger
 from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
@@ -231,6 +231,9 @@ def validate_train_config(cfg: DictConfig):
     from sorabench.models.vae import build_vae
 
     data = dataset_config(to_container(cfg.data))
+    if cfg.data.name == "folder":  # index and probe the user's files now (cheap), not minutes into training
+        for split in ("train", "val"):
+            build_dataset(to_container(cfg.data), split)
     try:
         latent = build_vae(**to_container(cfg.vae.model)).latent_shape(data.num_frames, data.height, data.width)
     except ValueError as e:

@@ -157,7 +157,7 @@ class DiTModule(L.LightningModule):
 
 
 class LogSampleVideos(L.Callback):
-    """Every `log_every_n_val` validations, sample a fixed set of validation prompts (seen and unseen compositions)
+    """Every `log_every_n_val` validations and at the end of training, sample a fixed set of validation prompts (seen and unseen compositions)
     with the weights being validated (the EMA weights when EMA is on) and log them to MLflow as mp4 and gif.
 
     List it before EMAWeightAveraging: callbacks run in list order, and the EMA callback swaps the training weights
@@ -178,8 +178,9 @@ class LogSampleVideos(L.Callback):
         if trainer.sanity_checking or pl_module.vae is None or not self.prompts:
             return
         self.validations += 1
-        if self.validations % int(self.cfg["log_every_n_val"]) or not trainer.is_global_zero:
-            return
+        final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if (self.validations % int(self.cfg["log_every_n_val"]) and not final) or not trainer.is_global_zero:
+            return  # every n-th validation, and always the last one
         from pathlib import Path
 
         from sorabench.data.commands import contact_sheet

@@ -68,6 +68,9 @@ def build_trainer(
         enable_version_counter=False,
     )
     callbacks = [checkpoint, *(callbacks or [])]
+    val_every = t.val_check_interval
+    if isinstance(val_every, int) and t.max_steps > 0:
+        val_every = min(val_every, t.max_steps)  # a run shorter than the interval still validates once, at its end
     if t.progress_bar:
         callbacks.append(RichProgressBar())
     return L.Trainer(
@@ -78,8 +81,8 @@ def build_trainer(
         precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=t.check_val_every_n_epoch if t.val_check_interval is None else None,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=t.check_val_every_n_epoch if val_every is None else None,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val,
