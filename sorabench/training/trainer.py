@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
+from sorabench.config import ConfigError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to `<path>.tmp`, fsync, then os.replace: readers only ever see a complete file."""
@@ -99,5 +101,12 @@ def build_trainer(
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, run_dir: str | Path):
     """trainer.fit, resuming from `<run_dir>/checkpoints/last.ckpt` when a previous run left one."""
     ckpt = last_checkpoint(run_dir) if not trainer.fast_dev_run else None
-    # weights_only: a checkpoint is data, never code (sorabench's hparams are plain Python values).
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    try:
+        # weights_only: a checkpoint is data, never code (sorabench's hparams are plain Python values).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except RuntimeError as e:
+        if ckpt is None or "Error(s) in loading state_dict" not in str(e):
+            raise
+        mismatch = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+        raise ConfigError(f"{ckpt} was written by an incompatible config ({mismatch[:200]}); "
+                          "resume with the config that wrote it, or start a new run with another name=") from e
