@@ -239,9 +239,15 @@ def bench_matmul_peak(s: dict) -> tuple[Row, float]:
                f"the MFU denominator; {t.spread()}"), peak
 
 
+def model_tokens(latent_shape: tuple[int, int, int, int]) -> int:
+    """Video tokens of the tiny DiT (conf/dit/tiny.yaml's patch size) on a (C, T, H, W) latent."""
+    pt, ph, pw = OmegaConf.load(CONF / "dit" / "tiny.yaml").patch_size
+    return (latent_shape[1] // pt) * (latent_shape[2] // ph) * (latent_shape[3] // pw)
+
+
 def bench_strategies(s: dict, peak: float) -> list[Row]:
     b = s["dit_batch"]
-    latent_shape = (4, 8, 8, 8)  # 8×32×32 clips through the ×4/×1 VAE: 8×4×4 = 128 video tokens at patch (1,2,2)
+    latent_shape = (4, 8, 8, 8)  # 8×32×32 clips through the ×4/×1 VAE
     flow = RectifiedFlow()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(b, *latent_shape, generator=g)
@@ -257,7 +263,8 @@ def bench_strategies(s: dict, peak: float) -> list[Row]:
         params, gflops = info[name]
         step = t[name].median
         mfu = 3 * gflops * 1e9 * b / step / peak
-        rows.append(Row("4 DiT train step", f"{name}: tiny DiT, 128 video tokens, batch {b}, fwd+bwd+AdamW",
+        tokens = model_tokens(latent_shape)
+        rows.append(Row("4 DiT train step", f"{name}: tiny DiT, {tokens} video tokens, batch {b}, fwd+bwd+AdamW",
                         f"{b / step:,.1f}", "videos/s",
                         f"{step * 1e3:.4g} ms/step; MFU {mfu:.1%} (3 × {gflops:.3g} GFLOPs fwd/clip); "
                         f"{params / 1e6:.2f} M params; {t[name].spread()}"))
