@@ -23,16 +23,6 @@ OBJECTIVES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a loaded 2-core machine OpenMP's waiting threads
-    # make them ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_dit(diffusion=None, conditioning: str = "cross_attention", zero_output: bool = False) -> DiT:
     torch.manual_seed(0)
     scale = diffusion.timestep_scale if diffusion is not None else 1000.0

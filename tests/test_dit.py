@@ -27,16 +27,6 @@ LATENT = (4, 4, 8, 8)  # (C, T, H, W): 4 frames of 4×4 tokens with patch (1, 2,
 TEXT_DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a loaded 2-core machine OpenMP's waiting threads
-    # make them ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_dit(conditioning: str, **kwargs) -> DiT:
     config = dict(width=64, depth=2, heads=4, text_dim=TEXT_DIM, max_text_len=8) | kwargs
     return DiT(LATENT, conditioning=conditioning, **config)
