@@ -80,7 +80,8 @@ def run_name(study: str, values: dict, sweep: dict, trial: optuna.Trial) -> str:
         parts = [str(v) for k, v in values.items() if k != "seed"] + [f"seed{values['seed']}"]
         cell = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
     else:
-        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         cell = f"trial-{trial.number if first is None else first}"
     return f"{study}/{cell}"  # under the study: two studies in one outputs/ never share (or reuse) a run
 
@@ -247,19 +248,16 @@ def mark_run(tcfg: DictConfig, state: str, reason: str | None):
     client.set_terminated(run_id, status=status)
 
 
-def finished_count(study: optuna.Study, max_retry: int) -> tuple[int, int]:
-    """(trials that need no more work, trials running now)."""
-    done = running = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            done += 1
-        elif t.state == TrialState.FAIL:
-            retries = len(RetryHeartbeatStaleTrialCallback.retry_history(t))
-            if FINAL_FAILURE in t.user_attrs or retries >= max_retry:
-                done += 1
-        elif t.state == TrialState.RUNNING:
-            running += 1
-    return done, running
+def finished_count(study: optuna.Study) -> tuple[int, int]:
+    """(trials that need no more work, trials running now).
+
+    A failed trial needs no more work unless the heartbeat callback queued a retry of it (a dead worker's trial);
+    a trial that failed by itself (NaN loss, bad value, bug) would fail again, and its cell counts as done."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    done += sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+    return done, sum(t.state == TrialState.RUNNING for t in trials)
 
 
 def target_trials(cfg: DictConfig, sweep: dict) -> int:
@@ -293,7 +291,7 @@ def main(cfg: DictConfig) -> int:
     start = time.time()
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
-        done, running = finished_count(study, cfg.max_retry)
+        done, running = finished_count(study)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if done >= target:
             break

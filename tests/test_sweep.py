@@ -134,3 +134,15 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
     assert len({t.number for t in complete}) == 4
     assert len({(t.params["conditioning"], t.params["seed"]) for t in complete}) == 4  # every cell exactly once
     optuna.delete_study(study_name=study, storage=url)
+
+
+def test_search_sweep_reports_to_the_pruner_and_stops_at_n_trials(tmp_path):
+    cfg = compose_config("sweep", [f"outputs={tmp_path}", "sweep=lr_search", "n_trials=3", "report=false",
+                                   "sweep.pruner.n_startup_trials=1"], command="sweep")
+    with open_dict(cfg):
+        cfg.overrides = [*TINY, "trainer.val_check_interval=2"]
+    assert sweep_main(cfg) == 0
+    trials = optuna.load_study(study_name="lr_search", storage=cfg.storage).trials
+    assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all(len(t.intermediate_values) >= 1 for t in trials)  # val/loss reached Optuna through the callback
+    assert len({t.params["optim.lr"] for t in trials}) == 3
