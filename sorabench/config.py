@@ -7,6 +7,8 @@ The same `compose_config` builds each Optuna trial's config in `sweep.py`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +41,11 @@ def require(condition: bool, key: str, value, reason: str):
     """Raise a ConfigError naming `key=value` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{key}={value!r}: {reason}")
+
+
+def config_key(*parts) -> str:
+    """A short stable hash of config parts: the name of every cached thing (shared runs, latents, statistics)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:

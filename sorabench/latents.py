@@ -8,21 +8,19 @@ never silently reuse stale latents; the key is stored inside the file too and ch
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from sorabench.config import config_key
 from sorabench.data.folder import collate_skipping
 from sorabench.data.module import build_dataset, clip_fields
 from sorabench.metrics.features import file_sha256
 
 
 def cache_key(vae_ckpt: str | Path, data_cfg: dict, split: str) -> str:
-    blob = json.dumps({"vae": file_sha256(vae_ckpt), "data": clip_fields(data_cfg), "split": split}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return config_key(file_sha256(vae_ckpt), clip_fields(data_cfg), split)
 
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:

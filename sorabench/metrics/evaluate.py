@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from sorabench.config import ConfigError, compose_config, require, to_container
+from sorabench.config import ConfigError, compose_config, config_key, require, to_container
 from sorabench.data.module import build_dataset, clip_fields
 from sorabench.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES
 from sorabench.metrics.alignment import attribute_accuracy
@@ -123,10 +122,6 @@ def load_evaluator(path: str | Path):
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 
-def data_fingerprint(data_cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(clip_fields(data_cfg), sort_keys=True).encode()).hexdigest()[:12]
-
-
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:
     return {
         "feature_net": video_net.id,
@@ -136,7 +131,7 @@ def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict
         "num_frames": int(m.num_frames),
         "frame_stride": int(m.frame_stride),
         "resolution": int(m.resolution),
-        "real_split": f"{data_cfg['name']}:{data_fingerprint(data_cfg)}/{m.real_split}",
+        "real_split": f"{data_cfg['name']}:{config_key(clip_fields(data_cfg))}/{m.real_split}",
         "seed": int(seed),
     }
 

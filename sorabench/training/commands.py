@@ -9,7 +9,6 @@ its recorded result instead of training again.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import pickle
 import time
@@ -21,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from sorabench.config import ConfigError, compose_config, require, to_container
+from sorabench.config import ConfigError, compose_config, config_key, require, to_container
 from sorabench.data.module import SkippedSamplesReport, VideoDataModule, build_dataset, clip_fields, dataset_config
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
 from sorabench.tracking import check_tracking_uri, make_logger
@@ -30,10 +29,6 @@ from sorabench.training.trainer import build_trainer, fit, last_checkpoint
 
 console = Console()
 RESULT_FILE = "result.json"
-
-def config_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
 
 @contextmanager
 def run_lock(run_dir: Path):
