@@ -20,25 +20,24 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import harness
+import lightning as L
 import torch
+from harness import CONF, ROOT, TEXT_LEN, Row, autocast, build_dit, fake_text, log, side_by_side, timeit, train_step_fn
 from omegaconf import OmegaConf
 
+from sorabench.cli import quiet_libraries
 from sorabench.data.shapes import ShapesConfig, make_split
 from sorabench.diffusion import RectifiedFlow
-from sorabench.models.dit import DiT, forward_flops
-from sorabench.models.text import TextEmbedding
+from sorabench.models.dit import forward_flops
 from sorabench.models.vae import build_vae
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 STRATEGIES = ["in_context", "cross_attention", "adaln_zero", "adaln", "hybrid"]
-TEXT_DIM = 384  # MiniLM's width (conf/text_encoder/minilm.yaml)
-TEXT_LEN = 16  # word pieces of a typical `shapes` caption with [CLS]/[SEP] (max_length is 32)
 
 # Sizes: full run, and --quick (a smoke check that finishes in well under 30 s on one core).
 FULL = dict(
@@ -48,6 +47,9 @@ FULL = dict(
     step_repeats=7,
     sample_clips=16, sample_steps=25, sample_repeats=3,
     matmul_n=2048, matmul_repeats=7,
+    compile=True, compile_repeats=7,
+    loop_batch=16, loop_clips=4096, loop_steps=320, loop_order=["cold", "before", "warm", "before", "warm"],
+    end_to_end=True,
 )  # fmt: skip
 QUICK = dict(
     shapes_clips=500, shapes_repeats=2,
@@ -56,99 +58,15 @@ QUICK = dict(
     step_repeats=2,
     sample_clips=2, sample_steps=5, sample_repeats=2,
     matmul_n=512, matmul_repeats=3,
+    compile=False, compile_repeats=0,
+    loop_batch=4, loop_clips=64, loop_steps=24, loop_order=["cold", "before", "warm"],
+    end_to_end=False,
 )  # fmt: skip
-
-
-# ---- timing ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timing:
-    """Seconds of each timed repeat (warm-up calls excluded)."""
-
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    def spread(self) -> str:
-        return f"{min(self.times):.4g}–{max(self.times):.4g} s over {len(self.times)} repeats"
-
-
-def timeit(fn, repeats: int, warmup: int = 1) -> Timing:
-    """Call fn `warmup` times untimed, then `repeats` times timed."""
-    return side_by_side({"fn": fn}, repeats, warmup)["fn"]
-
-
-def side_by_side(fns: dict, repeats: int, warmup: int = 1) -> dict[str, Timing]:
-    """Time several functions round-robin: each repeat calls every function once (in a rotated order), so slow
-    drifts of the machine's load affect them all alike and their ratio stays meaningful."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    out = {name: Timing() for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            out[name].times.append(time.perf_counter() - t0)
-    return out
-
-
-@dataclass
-class Row:
-    benchmark: str
-    case: str
-    value: str
-    unit: str
-    notes: str = ""
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ---- shared builders ------------------------------------------------------------------------------------------
 
 
 def vae_model_cfg(spatial: int, temporal: int) -> dict:
     model = OmegaConf.to_container(OmegaConf.load(CONF / "vae" / "default.yaml").model)
     return {**model, "spatial_factor": spatial, "temporal_factor": temporal}
-
-
-def build_dit(strategy: str, latent_shape) -> DiT:
-    dit_cfg = OmegaConf.to_container(OmegaConf.load(CONF / "dit" / "tiny.yaml"))
-    cond = OmegaConf.to_container(OmegaConf.load(CONF / "conditioning" / f"{strategy}.yaml"))
-    cond.pop("name")
-    return DiT(tuple(latent_shape), conditioning=strategy, text_dim=TEXT_DIM, max_text_len=32,
-               timestep_scale=RectifiedFlow.timestep_scale, **dit_cfg, **cond)
-
-
-def fake_text(batch: int, seed: int = 0) -> TextEmbedding:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)
-    return TextEmbedding(tokens, torch.ones(batch, TEXT_LEN, dtype=torch.bool), tokens.mean(1))
-
-
-def train_step_fn(model: DiT, flow: RectifiedFlow, batch: int, get_latents):
-    """One DiT training step as DiTModule.training_step + Lightning do it: caption dropout 0.1, flow loss,
-    backward, grad-norm clip 1.0, AdamW (conf/train.yaml's lr and betas). `get_latents()` supplies x0."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
-    text = fake_text(batch)
-    model.train()
-
-    def step():
-        x0 = get_latents()
-        drop = torch.rand(batch) < 0.1
-        loss = flow.training_loss(model, x0, model.drop_text(text, drop))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return step
 
 
 # ---- benchmarks -----------------------------------------------------------------------------------------------
@@ -169,10 +87,10 @@ def bench_vae(s: dict) -> tuple[list[Row], float]:
     rows, base = [], 0.0
     b = s["vae_batch"]
     for spatial, temporal, frames in ((4, 1, 8), (4, 2, 9)):
-        vae = build_vae(**vae_model_cfg(spatial, temporal)).eval()
-        video = torch.rand(b, 3, frames, 32, 32) * 2 - 1
-        with torch.no_grad():
-            t = timeit(lambda: vae.encode(video), repeats=s["vae_repeats"], warmup=1)
+        vae = build_vae(**vae_model_cfg(spatial, temporal)).eval().to(harness.DEVICE)
+        video = torch.rand(b, 3, frames, 32, 32, device=harness.DEVICE) * 2 - 1
+        with torch.no_grad(), autocast():
+            t = timeit(lambda vae=vae, video=video: vae.encode(video), repeats=s["vae_repeats"], warmup=1)
         latent = vae.latent_shape(frames, 32, 32)
         rate = b / t.median
         base = base or rate
@@ -187,23 +105,24 @@ def bench_cache(s: dict, encode_rate: float) -> list[Row]:
     clips with the VAE every step. Same model, optimiser and steps; only where x0 comes from differs."""
     b, n_clips = s["dit_batch"], s["train_clips"]
     data = make_split(ShapesConfig(split_sizes={"train": n_clips}), "train")  # the default 8×32×32 train split
-    vae = build_vae(**vae_model_cfg(4, 1)).eval()
+    vae = build_vae(**vae_model_cfg(4, 1)).eval().to(harness.DEVICE)
+    videos = data.videos.to(harness.DEVICE)
     with torch.no_grad():
-        stats = [vae.encode(data.videos[i : i + 64].float() / 127.5 - 1.0) for i in range(0, n_clips, 64)]
+        stats = [vae.encode(videos[i : i + 64].float() / 127.5 - 1.0) for i in range(0, n_clips, 64)]
     cache_mean = torch.cat([m for m, _ in stats])
     cache_std = torch.cat([(0.5 * lv).exp() for _, lv in stats])
     scale = 1.0  # the trained VAE's scale factor only rescales; it does not change the cost
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(harness.DEVICE).manual_seed(0)
 
     def from_cache():  # LatentDataset: a posterior sample of the cached mean / log-variance
-        idx = torch.randint(n_clips, (b,), generator=g)
-        return (cache_mean[idx] + cache_std[idx] * torch.randn(cache_mean[idx].shape)) * scale
+        idx = torch.randint(n_clips, (b,), generator=g, device=harness.DEVICE)
+        return (cache_mean[idx] + cache_std[idx] * torch.randn_like(cache_mean[idx])) * scale
 
     def on_the_fly():  # the same posterior sample, but encoded from the clip now
-        idx = torch.randint(n_clips, (b,), generator=g)
-        with torch.no_grad():
-            mean, logvar = vae.encode(data.videos[idx].float() / 127.5 - 1.0)
-        return (mean + (0.5 * logvar).exp() * torch.randn(mean.shape)) * scale
+        idx = torch.randint(n_clips, (b,), generator=g, device=harness.DEVICE)
+        with torch.no_grad(), autocast():
+            mean, logvar = vae.encode(videos[idx].float() / 127.5 - 1.0)
+        return (mean + (0.5 * logvar).exp() * torch.randn_like(mean)).float() * scale
 
     flow = RectifiedFlow()
     latent_shape = cache_mean.shape[1:]
@@ -231,11 +150,13 @@ def bench_cache(s: dict, encode_rate: float) -> list[Row]:
 
 
 def bench_matmul_peak(s: dict) -> tuple[Row, float]:
-    n = s["matmul_n"]
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = s["matmul_n"] * (4 if harness.DEVICE.type == "cuda" else 1)  # a GPU needs a larger matmul to saturate
+    dtype = torch.bfloat16 if harness.PRECISION == "bf16-mixed" else torch.float32
+    a, b = (torch.randn(n, n, device=harness.DEVICE, dtype=dtype) for _ in range(2))
     t = timeit(lambda: torch.mm(a, b), repeats=s["matmul_repeats"], warmup=2)
     peak = 2 * n**3 / t.median
-    return Row("4 DiT train step", f"fp32 matmul peak: {n}×{n} @ {n}×{n}", f"{peak / 1e9:,.1f}", "GFLOP/s",
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return Row("4 DiT train step", f"{kind} matmul peak: {n}×{n} @ {n}×{n}", f"{peak / 1e9:,.1f}", "GFLOP/s",
                f"the MFU denominator; {t.spread()}"), peak
 
 
@@ -250,7 +171,7 @@ def bench_strategies(s: dict, peak: float) -> list[Row]:
     latent_shape = (4, 8, 8, 8)  # 8×32×32 clips through the ×4/×1 VAE
     flow = RectifiedFlow()
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(b, *latent_shape, generator=g)
+    x0 = torch.randn(b, *latent_shape, generator=g).to(harness.DEVICE)
     fns, info = {}, {}
     for name in STRATEGIES:
         torch.manual_seed(0)
@@ -277,12 +198,158 @@ def bench_sampling(s: dict) -> list[Row]:
     model = build_dit("adaln_zero", latent_shape).eval()
     flow = RectifiedFlow(sample_steps=steps)
     text, null = fake_text(n), model.null_text(n)
-    g = torch.Generator().manual_seed(0)
-    t = timeit(lambda: flow.sample(model, (n, *latent_shape), text, null, steps=steps, guidance_scale=4.0,
-                                   generator=g), repeats=s["sample_repeats"], warmup=1)
+    g = torch.Generator(harness.DEVICE).manual_seed(0)
+
+    def sample():
+        with autocast():
+            flow.sample(model, (n, *latent_shape), text, null, steps=steps, guidance_scale=4.0, generator=g)
+
+    t = timeit(sample, repeats=s["sample_repeats"], warmup=1)
     return [Row("5 sampling", f"adaLN-Zero tiny DiT, {steps} Euler steps, CFG 4 (cond+uncond batched), "
                 f"{n} clips per call", f"{t.median / n:.4g}", "s/clip",
                 f"{t.median:.4g} s per call; VAE decode not included; {t.spread()}")]
+
+
+def ablation_step_setup(s: dict):
+    """The DiT step of the embedded ablation: conf/train.yaml's defaults (tiny adaLN-Zero DiT, patch 1×4×4 = 32
+    tokens on the 4×8×8×8 latent) at its batch (16)."""
+    latent_shape, b = (4, 8, 8, 8), s["loop_batch"]
+    x0 = torch.randn(b, *latent_shape, generator=torch.Generator().manual_seed(0)).to(harness.DEVICE)
+    return latent_shape, b, x0
+
+
+def bench_compile(s: dict) -> list[Row]:
+    """`compile: true` (torch.compile of the backbone) vs eager on the ablation's step, side by side after the
+    compiled model's warm-up; the notes give the one-time compile cost and the steps needed to earn it back."""
+    if not s["compile"]:
+        return [Row("10 compile", "compile: true vs eager", "skipped", "", "not run in --quick (compiling takes ~30 s)")]
+    latent_shape, b, x0 = ablation_step_setup(s)
+    flow, fns, warm = RectifiedFlow(), {}, {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = build_dit("adaln_zero", latent_shape)
+        if name == "compiled":
+            model.compile()  # what DiTModule does with compile: true
+        fns[name] = train_step_fn(model, flow, b, lambda: x0)
+        t0 = time.perf_counter()
+        fns[name](), fns[name]()  # the compiled forward and backward are generated on the first calls
+        harness.sync()
+        warm[name] = time.perf_counter() - t0
+    t = side_by_side(fns, repeats=s["compile_repeats"], warmup=1)
+    eager, compiled = t["eager"].median, t["compiled"].median
+    cost = warm["compiled"] - warm["eager"]
+    rows = [Row("10 compile", f"{name}: tiny adaLN-Zero DiT, 32 tokens, batch {b} (the ablation's step)",
+                f"{t[name].median * 1e3:.4g}", "ms/step", t[name].spread()) for name in ("eager", "compiled")]
+    saved = eager - compiled
+    payback = f"earned back after ~{cost / saved:,.0f} steps" if saved > 0 else "never earned back"
+    rows.append(Row("10 compile", "speed-up of compile: true (eager / compiled step time)", f"{eager / compiled:.3g}",
+                    "×", f"compiling costs {cost:.3g} s once per process and shape ({payback}; an ablation trial "
+                    f"is 1,200 steps)"))
+    return rows
+
+
+class StepTimes(L.Callback):
+    """perf_counter at the start of every training batch: consecutive differences are whole loop iterations."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+
+def bench_training_loop(s: dict) -> list[Row]:
+    """`trainer.fit` of DiTModule as `sorabench train` runs it, vs the bare step: what the loop adds (Lightning, the
+    data loader, caption lookup, EMA, checkpoints), in the first epoch (new captions) and after it. Runs alternate
+    between three settings, each a fresh `trainer.fit` with no caption embedded in memory, as a new process:
+      before: this repository before the performance issue - MiniLM embeds each caption inside the training step
+          the first time it is seen, Lightning's per-tensor EMAWeightAveraging, unfused AdamW;
+      now, first process: the captions embedded up front and written to the disk cache, one foreach EMA update,
+          fused AdamW;
+      now, later processes: the same, with the captions' embeddings read from that disk cache (a rerun, a resumed
+          run, the next trial or worker of a sweep)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from sorabench.config import compose_config
+    from sorabench.latents import LatentDataModule
+    from sorabench.training.commands import build_dit_module, training_callbacks
+    from sorabench.training.dit_module import frozen_text_encoder
+    from sorabench.training.trainer import build_trainer
+
+    latent_shape, b, x0 = ablation_step_setup(s)
+    n, steps = s["loop_clips"], s["loop_steps"]
+    captions = list(make_split(ShapesConfig(split_sizes={"train": n}), "train").captions)
+    cache = {"mean": torch.randn(n, *latent_shape), "logvar": torch.full((n, *latent_shape), -4.0),
+             "scale_factor": 1.0, "captions": captions, "labels": torch.zeros(n, 5, dtype=torch.long),
+             "unseen": torch.zeros(n, dtype=torch.bool)}
+    epoch = n // b
+    variants = {"before": "before", "cold": "now, first process", "warm": "now, later processes"}
+    runs: dict[str, list[tuple[float, list[float], float]]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="sorabench-bench-") as out:
+        for i, variant in enumerate(s["loop_order"]):
+            cfg = compose_config("train", [f"outputs={out}", f"name=loop{i}", "mlflow.enabled=false",
+                                           f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+                                           "trainer.progress_bar=false", f"data.batch_size={b}",
+                                           f"optim.fused={variant != 'before'}", "evaluate.enabled=false"])
+            L.seed_everything(0, verbose=False)
+            module = build_dit_module(cfg, latent_shape, None, "none")
+            frozen_text_encoder(cfg.text_encoder.name, max_length=cfg.text_encoder.max_length)._cache.clear()
+            timer = StepTimes()
+            t0 = time.perf_counter()
+            if variant == "before":
+                callbacks = [EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step)]
+            else:
+                callbacks = training_callbacks(cfg, {})
+                module.precompute_text(captions, cache_dir=cfg.cache_dir)
+            setup = time.perf_counter() - t0
+            trainer = build_trainer(cfg, None, [*callbacks, timer])
+            trainer.fit(module, datamodule=LatentDataModule(cache, cache, b))
+            times = [t1 - t0 for t0, t1 in zip(timer.starts, timer.starts[1:])]
+            runs[variant].append((setup + sum(times[:epoch]), times[epoch:], setup))
+    torch.manual_seed(0)
+    bare = timeit(train_step_fn(build_dit("adaln_zero", latent_shape), RectifiedFlow(), b, lambda: x0),
+                  repeats=s["step_repeats"] * 3, warmup=2).median
+    rows, first = [], {}
+    for variant, label in variants.items():
+        first[variant] = statistics.median(r[0] for r in runs[variant])
+        setup = statistics.median(r[2] for r in runs[variant])
+        steady = statistics.median(t for r in runs[variant] for t in r[1])
+        how = {"before": "captions embedded inside the steps",
+               "cold": f"incl. {setup:.3g} s embedding {n:,} captions up front and writing the disk cache",
+               "warm": f"incl. {setup:.3g} s reading the disk cache"}[variant]
+        rows.append(Row("11 training loop", f"{label}: first epoch ({epoch} steps of batch {b}, {n:,} captions)",
+                        f"{first[variant]:.3g}", "s", f"{first[variant] / epoch * 1e3:.4g} ms/step ({how}); "
+                        f"{len(runs[variant])} run(s)"))
+        rows.append(Row("11 training loop", f"{label}: step after the first epoch (median)", f"{steady * 1e3:.4g}",
+                        "ms/step", f"{(steady / bare - 1):+.0%} over the bare step (same model, no Lightning: "
+                        f"{bare * 1e3:.4g} ms); {len(runs[variant])} run(s) of {steps} steps"))
+    for variant in ("cold", "warm"):
+        rows.append(Row("11 training loop", f"first-epoch speed-up, before / {variants[variant]}",
+                        f"{first['before'] / first[variant]:.3g}", "×",
+                        "same model, data and machine; runs alternated in this process"))
+    return rows
+
+
+def bench_end_to_end(s: dict) -> list[Row]:
+    """The main job as a user runs it (`sorabench sweep sweep=conditioning_ablation`, README's first command) in a
+    fresh output folder: VAE, evaluator, 9 DiT trials, evaluation and the report."""
+    if not s["end_to_end"]:
+        return [Row("12 end to end", "embedded conditioning ablation", "skipped", "",
+                    "not run in --quick or with --skip-end-to-end")]
+    cli = Path(sys.executable).parent / "sorabench"
+    with tempfile.TemporaryDirectory(prefix="sorabench-e2e-") as out:
+        log_path = Path(out) / "ablation.log"
+        t0 = time.perf_counter()
+        with open(log_path, "w") as f:
+            rc = subprocess.run([str(cli), "sweep", "sweep=conditioning_ablation", f"outputs={out}"], stdout=f,
+                                stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        wall = time.perf_counter() - t0
+        tail = log_path.read_text().splitlines()[-5:]
+    if rc != 0:
+        return [Row("12 end to end", "embedded conditioning ablation", "failed", "", f"exit {rc}: {' / '.join(tail)}")]
+    return [Row("12 end to end", "embedded conditioning ablation (`./dev.sh ablation`: VAE, evaluator, 3 strategies × "
+                "3 seeds, evaluation, report)", f"{wall / 60:.3g}", "min", f"{wall:,.0f} s wall time, fresh outputs "
+                "folder, all cores")]
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -296,6 +363,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name(harness.DEVICE) if harness.DEVICE.type == "cuda" else "no GPU used"
 
 
 def machine_lines(threads: int, quick: bool) -> list[str]:
@@ -317,6 +388,7 @@ def machine_lines(threads: int, quick: bool) -> list[str]:
         f"load average at start (1 / 5 / 15 min): {load}",
         f"git commit: {commit}; date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"mode: {'--quick (smoke-check sizes: not representative)' if quick else 'full'}",
+        f"device: {harness.DEVICE} ({gpu_name()}); precision: {harness.PRECISION}",
     ]
 
 
@@ -336,27 +408,67 @@ def main(argv: list[str] | None = None) -> int:
     except AttributeError:
         default_threads = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats (a smoke check, < 30 s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and repeats (a smoke check, < 1 min)")
     p.add_argument("--threads", type=int, default=default_threads, help="torch threads (default: all usable cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                   help="bf16-mixed: autocast to bf16, MFU against the bf16 matmul peak (for GPUs)")
+    p.add_argument("--only", default=None, help="comma-separated benchmark numbers to run, e.g. 4,6 (default: all)")
+    p.add_argument("--skip-end-to-end", action="store_true", help="skip 12, the ~15-minute ablation run")
     p.add_argument("--out", type=Path, default=None, help="also write the table and machine to this markdown file")
     args = p.parse_args(argv)
+    quiet_libraries()
     torch.set_num_threads(args.threads)
-    sizes = QUICK if args.quick else FULL
+    harness.configure(args.device, args.precision)
+    from peers import PEER_SIZES, bench_peer_sampling, bench_peer_training
+    from scaling import SCALING_SIZES, bench_fvd_features, bench_scaling
+
+    mode = "quick" if args.quick else "full"
+    sizes, peer, scale = QUICK if args.quick else FULL, PEER_SIZES[mode], SCALING_SIZES[mode]
+    if args.skip_end_to_end:
+        sizes = {**sizes, "end_to_end": False}
     machine = machine_lines(args.threads, args.quick)
+    try:
+        import diffusers
+
+        machine.append(f"diffusers: {diffusers.__version__} (the peer in 6 and 7)")
+    except ImportError:
+        machine.append("diffusers: not installed (6 and 7 skipped; pip install -e .[bench])")
+    peak: list[float] = []
+    encode_rate: list[float] = []
+
+    def vae() -> list[Row]:
+        rows, rate = bench_vae(sizes)
+        encode_rate.append(rate)
+        return rows
+
+    def strategies() -> list[Row]:
+        row, value = bench_matmul_peak(sizes)
+        peak.append(value)
+        return [row, *bench_strategies(sizes, value)]
+
+    stages = {  # number: (what, run) - in order; 3 needs 2's encode rate, 6 needs 4's matmul peak
+        1: ("shapes generation", lambda: bench_shapes(sizes)),
+        2: ("VAE encode", vae),
+        3: ("DiT epoch from the cache vs encoding on the fly", lambda: bench_cache(sizes, encode_rate[0])),
+        4: ("DiT train step per conditioning strategy, MFU", strategies),
+        5: ("sampling", lambda: bench_sampling(sizes)),
+        6: ("train step vs diffusers", lambda: bench_peer_training(peer, peak[0])),
+        7: ("sampling vs diffusers", lambda: bench_peer_sampling(peer)),
+        8: ("scaling with frames and resolution", lambda: bench_scaling(scale)),
+        9: ("FVD feature extraction + statistics", lambda: bench_fvd_features(scale)),
+        10: ("compile: true vs eager", lambda: bench_compile(sizes)),
+        11: ("training loop vs bare step, before/now", lambda: bench_training_loop(sizes)),
+        12: ("end-to-end ablation", lambda: bench_end_to_end(sizes)),
+    }
+    chosen = sorted(stages) if args.only is None else sorted(int(x) for x in args.only.split(","))
+    chosen = sorted({*chosen, *([2] if 3 in chosen else []), *([4] if 6 in chosen else [])})
     t0 = time.perf_counter()
     rows: list[Row] = []
-    log("1/5 shapes generation ...")
-    rows += bench_shapes(sizes)
-    log("2/5 VAE encode ...")
-    vae_rows, encode_rate = bench_vae(sizes)
-    rows += vae_rows
-    log("3/5 DiT epoch from the cache vs encoding on the fly ...")
-    rows += bench_cache(sizes, encode_rate)
-    log("4/5 DiT train step per conditioning strategy ...")
-    peak_row, peak = bench_matmul_peak(sizes)
-    rows += [peak_row, *bench_strategies(sizes, peak)]
-    log("5/5 sampling ...")
-    rows += bench_sampling(sizes)
+    for number in chosen:
+        what, run = stages[number]
+        log(f"{number}/{len(stages)} {what} ...")
+        rows += run()
     md = markdown(rows, machine, time.perf_counter() - t0)
     print(md)
     if args.out is not None:

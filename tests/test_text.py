@@ -63,6 +63,49 @@ def test_minilm_encodes_and_caches(minilm):
     assert torch.cosine_similarity(first.pooled[0], first.pooled[1], dim=0) < 0.95  # different captions differ
 
 
+def test_precompute_embeds_in_large_batches_and_encode_then_runs_nothing(minilm):
+    calls = []
+    forward = minilm.transformer.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(len(kwargs["input_ids"]))
+        return forward(*args, **kwargs)
+
+    captions = [f"a red circle moving left, take {i}" for i in range(7)]
+    minilm.transformer.forward = counting_forward
+    try:
+        minilm.precompute([*captions, captions[0]], batch_size=3)
+        assert calls == [3, 3, 1]  # 7 unique captions in batches of 3
+        minilm.encode(captions[2:5])
+        assert calls == [3, 3, 1]  # cached: no transformer call inside a training step
+    finally:
+        del minilm.transformer.forward
+
+
+def test_precomputed_embeddings_are_kept_on_disk_for_the_next_process(minilm, tmp_path):
+    captions = ["a cyan disk sliding up", "a tiny red square heading left fast", "a cyan disk sliding up"]
+    minilm._cache.clear()
+    minilm.precompute(captions, cache_dir=tmp_path)
+    files = list((tmp_path / "text").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pt"
+    first = minilm.encode(captions)
+
+    calls = []
+    forward = minilm.transformer.forward
+    minilm.transformer.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        minilm._cache.clear()  # as a new process: nothing in memory
+        minilm.precompute(captions, cache_dir=tmp_path)
+        again = minilm.encode(captions)
+        assert calls == []  # loaded from disk, MiniLM did not run
+        minilm.precompute([*captions, "a green triangle"], cache_dir=tmp_path)  # another caption set: another key
+        assert calls == [1] and len(list((tmp_path / "text").iterdir())) == 2
+    finally:
+        del minilm.transformer.forward
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
+    assert torch.equal(first.pooled, again.pooled)
+
+
 def test_minilm_is_frozen_and_out_of_checkpoints(minilm):
     assert not any(p.requires_grad for p in minilm.parameters())
     parent = nn.ModuleDict({"text": minilm, "head": nn.Linear(2, 2)})

@@ -267,7 +267,8 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
 class EvaluateCallback(L.Callback):
     """Evaluate every `every_n_steps` training steps, with the weights the validation uses (EMA when on).
 
-    List it before EMAWeightAveraging (callbacks run in list order; the EMA swap is undone at validation end)."""
+    List it before the EMA callback, `trainer.EMA` (callbacks run in list order; the EMA swap is undone at validation
+    end)."""
 
     def __init__(self, cfg: DictConfig, every_n_steps: int):
         self.cfg, self.every = cfg, int(every_n_steps)

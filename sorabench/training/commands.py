@@ -25,7 +25,7 @@ from sorabench.data.module import SkippedSamplesReport, VideoDataModule, build_d
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
 from sorabench.tracking import check_tracking_uri, make_logger
 from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
-from sorabench.training.trainer import build_trainer, fit, last_checkpoint
+from sorabench.training.trainer import EMA, build_trainer, fit, last_checkpoint
 
 console = Console()
 RESULT_FILE = "result.json"
@@ -213,6 +213,7 @@ def validate_train_config(cfg: DictConfig):
     require(0 <= cfg.caption_dropout < 1, "caption_dropout", cfg.caption_dropout, "must be in [0, 1)")
     require(cfg.sample.guidance_scale >= 0, "sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 0")
     require(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "must be >= 1")
+    require(isinstance(cfg.compile, bool), "compile", cfg.compile, "must be true or false")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
     if cfg.mlflow.enabled:
@@ -251,19 +252,18 @@ def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModul
         vocab=vocab,
         sample=to_container(cfg.sample),
         vae_ckpt=str(vae_ckpt),
+        compile=cfg.compile,
     )
 
 
 def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
     from sorabench.training.dit_module import LogSampleVideos
 
     callbacks = [TagCheckpointKind("dit")]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
         callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))  # before EMA: see its docstring
     if cfg.ema.enabled:
-        callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
+        callbacks.append(EMA(decay=cfg.ema.decay, start_step=cfg.ema.start_step))
     if cfg.evaluate.every_n_steps:
         from sorabench.metrics.evaluate import EvaluateCallback
 
@@ -292,6 +292,7 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
     module.attach_vae(vae)
+    module.precompute_text([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
     logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": cfg.conditioning.name},
                          parent_run_id=parent_run_id)
     trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")

@@ -4,8 +4,8 @@ Batches come from the latent cache (`sorabench/latents.py`): `latent` (B, C, T',
 VAE's scale factor, `caption` list[str]. Classifier-free guidance is trained by caption dropout to the DiT's learned
 null condition; sampling batches the conditional and unconditional halves in one forward (`diffusion.py`).
 
-The frozen MiniLM text encoder is deliberately *not* a submodule: it would otherwise be deep-copied by
-`EMAWeightAveraging`, averaged every step and written into every checkpoint (90 MB). It lives in a process-wide
+The frozen MiniLM text encoder is deliberately *not* a submodule: it would otherwise be deep-copied by the
+EMA callback (`trainer.EMA`), averaged every step and written into every checkpoint (90 MB). It lives in a process-wide
 table keyed by its config, with its per-caption embedding cache, and the module holds only that key. A learned
 text encoder trains with the DiT, so it is a submodule like any other.
 """
@@ -35,6 +35,18 @@ def frozen_text_encoder(name: str, **kwargs) -> torch.nn.Module:
     return _FROZEN_TEXT_ENCODERS[key]
 
 
+def build_optimizer(params: list[torch.nn.Parameter], optim: dict) -> torch.optim.AdamW:
+    """AdamW from the `optim` config. fused (default): one kernel updates every parameter, instead of a Python loop
+    of small ops per tensor - the loop is a measurable share of a small DiT's step (benchmarks/RESULTS.md)."""
+    return torch.optim.AdamW(
+        params,
+        lr=optim["lr"],
+        betas=tuple(optim.get("betas", (0.9, 0.999))),
+        weight_decay=optim.get("weight_decay", 0.0),
+        fused=bool(optim.get("fused", True)),
+    )
+
+
 class DiTModule(L.LightningModule):
     def __init__(
         self,
@@ -48,6 +60,7 @@ class DiTModule(L.LightningModule):
         vocab: list[str] | None = None,
         sample: dict | None = None,
         vae_ckpt: str | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its whole resolved config itself
@@ -86,6 +99,13 @@ class DiTModule(L.LightningModule):
         cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
         return frozen_text_encoder(self.hparams.text_encoder["name"], **cfg).encode(list(captions)).to(self.device)
 
+    def precompute_text(self, captions: list[str], cache_dir: str | None = None) -> None:
+        """Fill the frozen encoder's caption cache before training, from `cache_dir` when an earlier process left
+        these captions' embeddings there (a learned encoder trains: nothing to cache)."""
+        if self.learned_text is None:
+            cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
+            frozen_text_encoder(self.hparams.text_encoder["name"], **cfg).precompute(list(captions), cache_dir=cache_dir)
+
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x0 = batch["latent"]
@@ -109,13 +129,15 @@ class DiTModule(L.LightningModule):
             self.logger.log_metrics(
                 {"model/params": float(self.model.num_parameters()), "model/gflops": forward_flops(self.model)}, step=0
             )
+        if self.hparams.compile:
+            # torch.compile of the backbone, in place (state_dict keys unchanged, so checkpoints stay portable).
+            # Here rather than in configure_model: the EMA callback calls configure_model and then deep-copies the
+            # module, and a deep copy of a compiled module would still run the original's forward.
+            self.model.compile()
 
     def configure_optimizers(self):
         o = self.hparams.optim
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), weight_decay=o.get("weight_decay", 0.0)
-        )
+        optimizer = build_optimizer([p for p in self.parameters() if p.requires_grad], o)
         warmup, total = int(o.get("warmup_steps", 0)), max(1, int(self.trainer.max_steps or 1))
         final = float(o.get("min_lr_ratio", 0.1))
 
@@ -157,11 +179,12 @@ class DiTModule(L.LightningModule):
 
 
 class LogSampleVideos(L.Callback):
-    """Every `log_every_n_val` validations and at the end of training, sample a fixed set of validation prompts (seen and unseen compositions)
-    with the weights being validated (the EMA weights when EMA is on) and log them to MLflow as mp4 and gif.
+    """Every `log_every_n_val` validations and at the end of training, sample a fixed set of validation prompts (seen
+    and unseen compositions) with the weights being validated (the EMA weights when EMA is on) and log them to MLflow
+    as mp4 and gif.
 
-    List it before EMAWeightAveraging: callbacks run in list order, and the EMA callback swaps the training weights
-    back in its own `on_validation_epoch_end`.
+    List it before the EMA callback (`trainer.EMA`): callbacks run in list order, and the EMA callback swaps the
+    training weights back in its own `on_validation_epoch_end`.
     """
 
     def __init__(self, val_cache: dict, sample_cfg: dict):

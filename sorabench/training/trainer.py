@@ -13,9 +13,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sorabench.config import ConfigError
 
@@ -32,6 +33,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+class EMA(WeightAveraging):
+    """Lightning's EMA weight averaging (EMAWeightAveraging's schedule: every step from `start_step`), updating all
+    weights with one foreach lerp (torch's `get_ema_multi_avg_fn`). EMAWeightAveraging hard-wires the per-tensor
+    `get_ema_avg_fn`, a Python loop over ~60 tensors: 2.0 vs 0.5 ms per step for the tiny DiT, ~4% of its step."""
+
+    def __init__(self, decay: float, start_step: int = 0):
+        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.start_step = start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

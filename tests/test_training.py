@@ -1,0 +1,82 @@
+"""The training loop's pieces that sorabench configures itself: the EMA callback, the fused optimiser, compile."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from sorabench.config import ConfigError, compose_config
+from sorabench.training.commands import train
+from sorabench.training.dit_module import build_optimizer
+from sorabench.training.trainer import EMA
+
+
+class Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def train_with(callback) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module = Regression()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+    trainer = L.Trainer(max_steps=6, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_ema_matches_lightnings_ema_weight_averaging():
+    # Same schedule and decay as Lightning's per-tensor EMAWeightAveraging; only the update is one foreach lerp.
+    ours = train_with(EMA(decay=0.7, start_step=2))
+    lightning = train_with(EMAWeightAveraging(decay=0.7, update_starting_at_step=2))
+    plain = train_with(L.Callback())
+    for key in ours:
+        torch.testing.assert_close(ours[key], lightning[key])
+    assert any(not torch.allclose(ours[k], plain[k]) for k in ours)  # the EMA weights were swapped in at the end
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_adamw_makes_the_same_update(fused):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    optim = {"lr": 1e-2, "betas": [0.9, 0.99], "weight_decay": 0.01}
+    opt_a, opt_b = build_optimizer(list(a.parameters()), {**optim, "fused": fused}), torch.optim.AdamW(
+        b.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    assert opt_a.defaults["fused"] is fused
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_compile_must_be_a_bool(tiny_overrides):
+    cfg = compose_config("train", [*tiny_overrides, "compile=maybe"], command="train")
+    with pytest.raises(ConfigError, match="compile"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_checkpoints_portable(tiny_overrides):
+    # ~40 s: torch.compile generates C++ kernels for the forward and the backward.
+    cfg = compose_config("train", [*tiny_overrides, "name=compiled", "compile=true", "trainer.max_steps=3",
+                                   "evaluate.enabled=false", "mlflow.enabled=false"], command="train")
+    result = train(cfg)
+    state = torch.load(result["ckpt"], weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in key for key in state)  # same keys as an eager run
+    assert Path(result["ckpt"]).is_file()
