@@ -118,17 +118,16 @@ def describe(c: dict) -> str:
     )
 
 
+def our_dit(strategy: str, c: dict, **options) -> nn.Module:
+    torch.manual_seed(0)
+    patch = (1, c["patch"], c["patch"])
+    return build_dit(strategy, latent_shape(c), width=c["width"], depth=c["depth"], heads=c["heads"], patch_size=patch,
+                     **options)
+
+
 def dit_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contender]:
     """sorabench's adaLN-Zero DiT on one-frame latents and diffusers' class-conditional DiT of the same size."""
-    torch.manual_seed(0)
-    ours = build_dit(
-        "adaln_zero",
-        latent_shape(c),
-        width=c["width"],
-        depth=c["depth"],
-        heads=c["heads"],
-        patch_size=(1, c["patch"], c["patch"]),
-    )
+    ours = our_dit("adaln_zero", c)
     torch.manual_seed(0)
     theirs = diffusers.DiTTransformer2DModel(
         num_attention_heads=c["heads"],
@@ -155,16 +154,7 @@ def dit_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contender]
 
 def latte_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contender]:
     """sorabench's hybrid (PixArt) DiT with factorised attention and diffusers' Latte of the same size."""
-    torch.manual_seed(0)
-    ours = build_dit(
-        "hybrid",
-        latent_shape(c),
-        width=c["width"],
-        depth=c["depth"],
-        heads=c["heads"],
-        patch_size=(1, c["patch"], c["patch"]),
-        attention="factorised",
-    )
+    ours = our_dit("hybrid", c, attention="factorised")
     torch.manual_seed(0)
     theirs = diffusers.LatteTransformer3DModel(
         num_attention_heads=c["heads"],

@@ -36,7 +36,9 @@ def test_text_embedding_cat_pads_to_the_longest():
         b.pad_to(2)
 
 
-def test_minilm_encodes_and_caches(minilm):
+@pytest.fixture
+def transformer_calls(minilm):
+    """The batch size of every MiniLM transformer call made during the test."""
     calls = []
     forward = minilm.transformer.forward
 
@@ -45,15 +47,18 @@ def test_minilm_encodes_and_caches(minilm):
         return forward(*args, **kwargs)
 
     minilm.transformer.forward = counting_forward
-    try:
-        first = minilm.encode(CAPTIONS)
-        assert calls == [2]  # the repeated caption is embedded once
-        again = minilm.encode(list(reversed(CAPTIONS)))
-        assert calls == [2]  # all cached: the transformer did not run
-        minilm.encode(["a green triangle", CAPTIONS[0]])
-        assert calls == [2, 1]  # only the new caption
-    finally:
-        del minilm.transformer.forward
+    yield calls
+    del minilm.transformer.forward
+
+
+def test_minilm_encodes_and_caches(minilm, transformer_calls):
+    minilm._cache.clear()
+    first = minilm.encode(CAPTIONS)
+    assert transformer_calls == [2]  # the repeated caption is embedded once
+    again = minilm.encode(list(reversed(CAPTIONS)))
+    assert transformer_calls == [2]  # all cached: the transformer did not run
+    minilm.encode(["a green triangle", CAPTIONS[0]])
+    assert transformer_calls == [2, 1]  # only the new caption
 
     assert first.tokens.shape[0] == 3 and first.tokens.shape[2] == minilm.dim == 384
     assert first.mask.sum(1).tolist() == [7, first.tokens.shape[1], 7]  # [CLS] + 5 words + [SEP]
@@ -63,47 +68,29 @@ def test_minilm_encodes_and_caches(minilm):
     assert torch.cosine_similarity(first.pooled[0], first.pooled[1], dim=0) < 0.95  # different captions differ
 
 
-def test_precompute_embeds_in_large_batches_and_encode_then_runs_nothing(minilm):
-    calls = []
-    forward = minilm.transformer.forward
-
-    def counting_forward(*args, **kwargs):
-        calls.append(len(kwargs["input_ids"]))
-        return forward(*args, **kwargs)
-
+def test_precompute_embeds_in_large_batches_and_encode_then_runs_nothing(minilm, transformer_calls):
     captions = [f"a red circle moving left, take {i}" for i in range(7)]
-    minilm.transformer.forward = counting_forward
-    try:
-        minilm.precompute([*captions, captions[0]], batch_size=3)
-        assert calls == [3, 3, 1]  # 7 unique captions in batches of 3
-        minilm.encode(captions[2:5])
-        assert calls == [3, 3, 1]  # cached: no transformer call inside a training step
-    finally:
-        del minilm.transformer.forward
+    minilm.precompute([*captions, captions[0]], batch_size=3)
+    assert transformer_calls == [3, 3, 1]  # 7 unique captions in batches of 3
+    minilm.encode(captions[2:5])
+    assert transformer_calls == [3, 3, 1]  # cached: no transformer call inside a training step
 
 
-def test_precomputed_embeddings_are_kept_on_disk_for_the_next_process(minilm, tmp_path):
+def test_precomputed_embeddings_are_kept_on_disk_for_the_next_process(minilm, transformer_calls, tmp_path):
     captions = ["a cyan disk sliding up", "a tiny red square heading left fast", "a cyan disk sliding up"]
     minilm._cache.clear()
     minilm.precompute(captions, cache_dir=tmp_path)
-    files = list((tmp_path / "text").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".pt"
+    assert len(transformer_calls) == 1 and [p.suffix for p in (tmp_path / "text").iterdir()] == [".pt"]
     first = minilm.encode(captions)
 
-    calls = []
-    forward = minilm.transformer.forward
-    minilm.transformer.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    try:
-        minilm._cache.clear()  # as a new process: nothing in memory
-        minilm.precompute(captions, cache_dir=tmp_path)
-        again = minilm.encode(captions)
-        assert calls == []  # loaded from disk, MiniLM did not run
-        minilm.precompute([*captions, "a green triangle"], cache_dir=tmp_path)  # another caption set: another key
-        assert calls == [1] and len(list((tmp_path / "text").iterdir())) == 2
-    finally:
-        del minilm.transformer.forward
+    minilm._cache.clear()  # as a new process: nothing in memory
+    minilm.precompute(captions, cache_dir=tmp_path)
+    again = minilm.encode(captions)
+    assert len(transformer_calls) == 1  # loaded from disk: MiniLM did not run
     assert torch.equal(first.tokens, again.tokens) and torch.equal(first.mask, again.mask)
     assert torch.equal(first.pooled, again.pooled)
+    minilm.precompute([*captions, "a green triangle"], cache_dir=tmp_path)  # another caption set: another file
+    assert len(transformer_calls) == 2 and len(list((tmp_path / "text").iterdir())) == 2
 
 
 def test_minilm_is_frozen_and_out_of_checkpoints(minilm):
