@@ -125,20 +125,18 @@ def our_dit(strategy: str, c: dict, **options) -> nn.Module:
                      **options)
 
 
+def diffusers_size(c: dict) -> dict:
+    """The size arguments diffusers' DiT and Latte share, for the size `c` of sorabench's model."""
+    heads, width = c["heads"], c["width"]
+    return {"num_attention_heads": heads, "attention_head_dim": width // heads, "in_channels": CHANNELS,
+            "out_channels": CHANNELS, "num_layers": c["depth"], "sample_size": c["size"], "patch_size": c["patch"]}
+
+
 def dit_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contender]:
     """sorabench's adaLN-Zero DiT on one-frame latents and diffusers' class-conditional DiT of the same size."""
     ours = our_dit("adaln_zero", c)
     torch.manual_seed(0)
-    theirs = diffusers.DiTTransformer2DModel(
-        num_attention_heads=c["heads"],
-        attention_head_dim=c["width"] // c["heads"],
-        in_channels=CHANNELS,
-        out_channels=CHANNELS,
-        num_layers=c["depth"],
-        sample_size=c["size"],
-        patch_size=c["patch"],
-        norm_eps=1e-6,
-    ).to(DEVICE)
+    theirs = diffusers.DiTTransformer2DModel(**diffusers_size(c), norm_eps=1e-6).to(DEVICE)
     labels = torch.randint(NULL_CLASS, (batch,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     null = torch.full_like(labels, NULL_CLASS)
@@ -157,15 +155,9 @@ def latte_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contende
     ours = our_dit("hybrid", c, attention="factorised")
     torch.manual_seed(0)
     theirs = diffusers.LatteTransformer3DModel(
-        num_attention_heads=c["heads"],
-        attention_head_dim=c["width"] // c["heads"],
-        in_channels=CHANNELS,
-        out_channels=CHANNELS,
-        num_layers=c["depth"],
+        **diffusers_size(c),
         cross_attention_dim=c["width"],
         attention_bias=True,
-        sample_size=c["size"],
-        patch_size=c["patch"],
         activation_fn="gelu-approximate",
         norm_type="ada_norm_single",
         norm_elementwise_affine=False,
