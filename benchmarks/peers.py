@@ -17,9 +17,9 @@ from itertools import pairwise
 from types import ModuleType
 from typing import Any
 
+import harness
 import torch
 from harness import (
-    DEVICE,
     TEXT_DIM,
     Row,
     achieved_flops,
@@ -136,8 +136,8 @@ def dit_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contender]
     """sorabench's adaLN-Zero DiT on one-frame latents and diffusers' class-conditional DiT of the same size."""
     ours = our_dit("adaln_zero", c)
     torch.manual_seed(0)
-    theirs = diffusers.DiTTransformer2DModel(**diffusers_size(c), norm_eps=1e-6).to(DEVICE)
-    labels = torch.randint(NULL_CLASS, (batch,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    theirs = diffusers.DiTTransformer2DModel(**diffusers_size(c), norm_eps=1e-6).to(harness.DEVICE)
+    labels = torch.randint(NULL_CLASS, (batch,), generator=torch.Generator().manual_seed(0)).to(harness.DEVICE)
 
     null = torch.full_like(labels, NULL_CLASS)
 
@@ -164,7 +164,7 @@ def latte_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contende
         norm_eps=1e-6,
         caption_channels=TEXT_DIM,
         video_length=c["frames"],
-    ).to(DEVICE)
+    ).to(harness.DEVICE)
     text = fake_text(batch)
     null = torch.zeros_like(text.tokens)  # Latte has no learned null caption: zero tokens
 
@@ -178,7 +178,7 @@ def latte_pair(diffusers: ModuleType, c: dict, batch: int) -> dict[str, Contende
 
 
 def one_clip(c: Contender, x: Tensor) -> tuple[Tensor, Tensor, Any]:
-    return x[:1], torch.full((1,), 0.5, device=DEVICE), c.cond[:1]
+    return x[:1], torch.full((1,), 0.5, device=harness.DEVICE), c.cond[:1]
 
 
 def check_prediction(c: Contender, x: Tensor) -> None:
@@ -203,7 +203,7 @@ def train_pair(pair: dict[str, Contender], c: dict, repeats: int, peak: float, d
     """Both models trained round-robin on the same fixed latents: sorabench by DiTModule's step (`train_step_fn`),
     diffusers by the same loss and optimiser on its own conditions (its DiT drops labels itself in train mode)."""
     b = c["batch"]
-    x0 = torch.randn(b, *latent_shape(c), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    x0 = torch.randn(b, *latent_shape(c), generator=torch.Generator().manual_seed(0)).to(harness.DEVICE)
     flow = RectifiedFlow()
     for contender in pair.values():
         check_prediction(contender, x0)
@@ -255,11 +255,11 @@ def euler_cfg(
 ) -> Tensor:
     """RectifiedFlow.sample's arithmetic (shift 1, guidance 4, cond + uncond in one forward of 2B), written out bare
     for a diffusers model: no pipeline and no scheduler object, so any overhead of those is not counted."""
-    x = torch.randn(shape, generator=generator, device=DEVICE)
+    x = torch.randn(shape, generator=generator, device=harness.DEVICE)
     both = torch.cat([cond, null])
     ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
     for t, t_next in pairwise(ts):
-        c, u = fn(torch.cat([x, x]), torch.full((2 * shape[0],), t, device=DEVICE), both).chunk(2)
+        c, u = fn(torch.cat([x, x]), torch.full((2 * shape[0],), t, device=harness.DEVICE), both).chunk(2)
         x = x + (t_next - t) * (u + GUIDANCE * (c - u))
     return x
 
@@ -269,10 +269,10 @@ def sample_pair(pair: dict[str, Contender], c: dict, n: int, steps: int, repeats
     ours, theirs = pair["sorabench"], pair["diffusers"]
     shape = (n, *latent_shape(c))
     for contender in pair.values():
-        check_prediction(contender, torch.zeros(shape, device=DEVICE))
+        check_prediction(contender, torch.zeros(shape, device=harness.DEVICE))
         contender.model.eval()
     flow = RectifiedFlow(sample_steps=steps)
-    g = torch.Generator(DEVICE).manual_seed(0)
+    g = torch.Generator(harness.DEVICE).manual_seed(0)
     timings = side_by_side(
         {
             "sorabench": lambda: flow.sample(

@@ -43,13 +43,24 @@ def guided_prediction(
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
-def check_sampling(steps: int, guidance_scale: float, null_cond: Any) -> None:
+def initial_noise(
+    shape: tuple[int, ...],
+    steps: int,
+    guidance_scale: float,
+    null_cond: Any,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    """What every sampler starts with: its arguments checked, then x_T ~ N(0, I) on `device` (default: the
+    generator's device, else the CPU) drawn from `generator`."""
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     if guidance_scale != 1 and null_cond is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a null_cond (the unconditional input)")
+    device = device or (generator.device if generator is not None else "cpu")
+    return torch.randn(shape, generator=generator, device=device)
 
 
 def expand_as(t: Tensor, x: Tensor) -> Tensor:
@@ -106,12 +117,10 @@ class RectifiedFlow:
         device: torch.device | str | None = None,
     ) -> Tensor:
         steps = self.sample_steps if steps is None else steps
-        check_sampling(steps, guidance_scale, null_cond)
-        device = device or (generator.device if generator is not None else "cpu")
-        x = torch.randn(shape, generator=generator, device=device)
+        x = initial_noise(shape, steps, guidance_scale, null_cond, generator, device)
         ts = self.timesteps(steps)
         for t, t_next in zip(ts[:-1], ts[1:]):
-            t_batch = torch.full((shape[0],), t, device=device)
+            t_batch = torch.full((shape[0],), t, device=x.device)
             x = x + (t_next - t) * guided_prediction(model_fn, x, t_batch, cond, null_cond, guidance_scale)
         return x
 
@@ -176,16 +185,14 @@ class DDPM:
         device: torch.device | str | None = None,
     ) -> Tensor:
         steps = self.sample_steps if steps is None else steps
-        check_sampling(steps, guidance_scale, null_cond)
         if steps > self.num_train_steps:
             raise ValueError(f"{steps} sampling steps exceed the {self.num_train_steps} training steps")
-        device = device or (generator.device if generator is not None else "cpu")
+        x = initial_noise(shape, steps, guidance_scale, null_cond, generator, device)
         ts = torch.linspace(self.num_train_steps - 1, 0, steps).round().long().tolist()
         abars = self.alphas_cumprod[ts].tolist() + [1.0]
-        x = torch.randn(shape, generator=generator, device=device)
         for i, t in enumerate(ts):
             a, a_prev = abars[i], abars[i + 1]
-            t_batch = torch.full((shape[0],), float(t), device=device)
+            t_batch = torch.full((shape[0],), float(t), device=x.device)
             pred = guided_prediction(model_fn, x, t_batch, cond, null_cond, guidance_scale)
             if self.prediction == "eps":
                 eps = pred
@@ -196,7 +203,7 @@ class DDPM:
             sigma = self.eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
             x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps  # max: rounding
             if sigma > 0:
-                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+                x = x + sigma * torch.randn(shape, generator=generator, device=x.device)
         return x
 
 

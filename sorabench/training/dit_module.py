@@ -93,18 +93,21 @@ class DiTModule(L.LightningModule):
         object.__setattr__(self, "vae", vae.eval() if vae is not None else None)
 
     # ---- text ----------------------------------------------------------------------------------------------
+    def frozen_text(self) -> torch.nn.Module:
+        """The process-wide frozen encoder this module's `text_encoder` config names."""
+        cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
+        return frozen_text_encoder(self.hparams.text_encoder["name"], **cfg)
+
     def encode_text(self, captions: list[str]) -> TextEmbedding:
         if self.learned_text is not None:
             return self.learned_text.encode(list(captions)).to(self.device)
-        cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
-        return frozen_text_encoder(self.hparams.text_encoder["name"], **cfg).encode(list(captions)).to(self.device)
+        return self.frozen_text().encode(list(captions)).to(self.device)
 
     def precompute_text(self, captions: list[str], cache_dir: str | None = None) -> None:
         """Fill the frozen encoder's caption cache before training, from `cache_dir` when an earlier process left
         these captions' embeddings there (a learned encoder trains: nothing to cache)."""
         if self.learned_text is None:
-            cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
-            frozen_text_encoder(self.hparams.text_encoder["name"], **cfg).precompute(list(captions), cache_dir=cache_dir)
+            self.frozen_text().precompute(list(captions), cache_dir=cache_dir)
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
