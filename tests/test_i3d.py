@@ -172,7 +172,8 @@ def test_configs_choose_i3d_for_folders_and_drop_fvd_for_images():
 
 
 @needs_weights
-def test_evaluate_two_folders_of_real_mp4s_with_i3d(tmp_path, capsys):
+@pytest.mark.slow  # 6 clips of I3D at 224x224: ~15 s on a quiet 2-core CPU, ~50 s under load
+def test_evaluate_two_folders_of_mp4s_with_i3d(tmp_path, capsys):
     import mlflow  # noqa: F401  (the CLI imports it; keep the import cost out of the timing below)
 
     from sorabench.cli import main
