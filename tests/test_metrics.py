@@ -274,6 +274,7 @@ def test_protocol_key_changes_with_every_field():
         "n_generated": 512,
         "num_frames": 8,
         "frame_stride": 1,
+        "clip_start": "first",
         "resolution": 32,
         "real_split": "shapes/test",
         "seed": 0,
@@ -282,7 +283,7 @@ def test_protocol_key_changes_with_every_field():
     assert key == protocol_key(dict(reversed(list(base.items()))))  # order does not matter
     changed = {
         "feature_net": "x", "feature_sha256": "cd" * 32, "n_real": 2048, "n_generated": 2048, "num_frames": 16,
-        "frame_stride": 2, "resolution": 64, "real_split": "shapes/val", "seed": 1,
+        "frame_stride": 2, "clip_start": "random", "resolution": 64, "real_split": "shapes/val", "seed": 1,
     }  # fmt: skip
     assert set(changed) == set(PROTOCOL_FIELDS)
     keys = {protocol_key(base | {name: value}) for name, value in changed.items()}
@@ -414,7 +415,7 @@ def test_metrics_configs_build_their_feature_networks(tmp_path):
     clip_net, frame_net = build_feature_networks(ts_cfg)
     assert clip_net.num_features == 8 and frame_net.num_features == 6
     assert clip_net(moving_squares(1, frames=16, size=16)).shape == (1, 8)
-    with pytest.raises(ValueError, match="must be 'evaluator' or 'torchscript'"):
+    with pytest.raises(ValueError, match="must be 'evaluator', 'torchscript' or 'i3d'"):
         build_feature_networks({"features": "inception"})
 
 

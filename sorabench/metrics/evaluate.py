@@ -122,80 +122,150 @@ def load_evaluator(path: str | Path):
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 
+CLIP_STARTS = ("first", "center", "random")
+
+
+def check_metrics_config(cfg: DictConfig) -> None:
+    """Reject a metrics config that cannot work, before anything is rendered, trained or sampled."""
+    m = cfg.metrics
+    require(int(m.num_frames) >= 1, "metrics.num_frames", m.num_frames, "must be >= 1")
+    require(int(m.frame_stride) >= 1, "metrics.frame_stride", m.frame_stride, "must be >= 1")
+    require(m.get("clip_start", "first") in CLIP_STARTS, "metrics.clip_start", m.get("clip_start"),
+            f"must be one of {CLIP_STARTS}")
+    require(m.n_real >= 2 and m.n_samples >= 2, "metrics.n_real/n_samples", (m.n_real, m.n_samples), "need >= 2 each")
+    fvd = int(m.num_frames) > 1
+    if m.features == "i3d" and fvd:
+        from sorabench.metrics.i3d import min_frames
+
+        require(int(m.num_frames) >= min_frames(), "metrics.num_frames", m.num_frames,
+                f"the I3D needs clips of at least {min_frames()} frames (standard FVD: 16)")
+    if m.features == "torchscript":
+        for net in ("fvd", "fid") if fvd else ("fid",):  # images (num_frames=1) need no video network
+            path = Path(m[net].path)
+            if not path.is_file():
+                raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
+    if m.features == "evaluator" and cfg.data.name != "shapes" and not m.get("evaluator_on_other_data", False):
+        raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
+                          "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+
+
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:
+    net = video_net if video_net is not None else None
     return {
-        "feature_net": video_net.id,
-        "feature_sha256": video_net.sha256,
+        "feature_net": net.id if net is not None else "none (num_frames=1: no FVD)",
+        "feature_sha256": net.sha256 if net is not None else "",
         "n_real": int(m.n_real),
         "n_generated": int(m.n_samples),
         "num_frames": int(m.num_frames),
         "frame_stride": int(m.frame_stride),
+        "clip_start": str(m.get("clip_start", "first")),
         "resolution": int(m.resolution),
         "real_split": f"{data_cfg['name']}:{config_key(clip_fields(data_cfg))}/{m.real_split}",
         "seed": int(seed),
     }
 
 
-def take_clips(videos: torch.Tensor, m: DictConfig) -> torch.Tensor:
-    """The protocol's frames of each clip: `num_frames` frames from frame 0 at `frame_stride`."""
+def take_clips(videos: torch.Tensor, m: DictConfig, start: str = "first",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The protocol's frames of each clip: `num_frames` frames at `frame_stride`, from frame 0 (`first`), the
+    middle (`center`) or a random offset per clip (`random`, from `generator`: StyleGAN-V's real clips)."""
     span = (m.num_frames - 1) * m.frame_stride + 1
-    if videos.shape[2] < span:
+    t = videos.shape[2]
+    if t < span:
         raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
-                          f"clips have {videos.shape[2]}")
-    return videos[:, :, :span : m.frame_stride]
+                          f"clips have {t} (raise data.num_frames)")
+    offsets = [clip_offset(t, span, start, generator) for _ in range(len(videos))]
+    if all(o == 0 for o in offsets):
+        return videos[:, :, :span : m.frame_stride]
+    return torch.stack([v[:, o : o + span : m.frame_stride] for v, o in zip(videos, offsets)])
 
 
-def real_clips(data_cfg: dict, m: DictConfig) -> dict:
-    """The first n_real clips of the real split (in evaluation mode), with captions, labels and unseen flags."""
-    dataset = build_dataset(data_cfg, m.real_split, train=False)
-    require(len(dataset) >= max(m.n_real, m.n_samples), "metrics.n_real/n_samples", (m.n_real, m.n_samples),
-            f"the {m.real_split} split has only {len(dataset)} clips")
-    n = max(m.n_real, m.n_samples)
+def clip_offset(t: int, span: int, start: str, generator: torch.Generator | None = None) -> int:
+    """First frame of a `span`-frame window in `t` frames: 0 (first), the middle (center) or uniform (random)."""
+    if start == "first" or t == span:
+        return 0
+    if start == "center":
+        return (t - span) // 2
+    return int(torch.randint(t - span + 1, (1,), generator=generator))
+
+
+def eval_prompts(dataset, n: int) -> dict:
+    """Captions, attribute labels and unseen flags of the first n items, without keeping their videos."""
+    if hasattr(dataset, "entries"):  # a folder: captions are in the index, no decoding needed
+        return {"caption": [c for _, c in dataset.entries[:n]],
+                "labels": torch.full((n, len(ATTRIBUTE_NAMES)), -1, dtype=torch.long),
+                "unseen": torch.zeros(n, dtype=torch.bool)}
     items = [dataset[i] for i in range(n)]
-    return {
-        "video": torch.stack([it["video"] for it in items]),
-        "caption": [it["caption"] for it in items],
-        "labels": torch.stack([it["labels"] for it in items]),
-        "unseen": torch.stack([torch.as_tensor(it["unseen"]) for it in items]),
-    }
+    return {"caption": [it["caption"] for it in items], "labels": torch.stack([it["labels"] for it in items]),
+            "unseen": torch.stack([torch.as_tensor(it["unseen"]) for it in items])}
+
+
+def real_batches(dataset, m: DictConfig, count: int, seed: int):
+    """Batches of the first `count` real clips of `dataset`, cut to the protocol (clip_start drawn from `seed`);
+    only one batch is in memory at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    bs = int(m.batch_size)
+    for i in range(0, count, bs):
+        video = torch.stack([dataset[j]["video"] for j in range(i, min(i + bs, count))])
+        yield take_clips(video, m, m.get("clip_start", "first"), generator)
 
 
 @torch.no_grad()
-def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluator, fields: dict,
+def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, fields: dict,
                     prompt_labels: torch.Tensor | None, prompt_unseen: torch.Tensor | None) -> dict[str, float]:
-    """FVD, FID, KID (and alignment when an evaluator and prompt labels are given) of `fake` clips vs `real`."""
+    """FVD, FID, KID (and alignment when an evaluator and prompt labels are given) of generated vs real clips.
+
+    `fake_batches` and `real_batches` are iterables of clip batches (B, C, T, H, W) already cut to the protocol;
+    `real_batches` may also be a callable returning one, called only when something needs real clips (the FVD
+    statistics may come from the cache). Clips are consumed batch by batch: features, never all clips, are kept.
+    """
     video_net, frame_net = nets
-    n_real = int(m.n_real)
-    real_video = take_clips(real["video"][:n_real], m)
-    fake = take_clips(fake, m)
-    bs = int(m.batch_size)
+    n_real, n_fake, t = int(m.n_real), int(m.n_samples), int(m.num_frames)
+    fvd = FrechetVideoDistance(video_net) if video_net is not None else None
+    need_real_fvd = False
+    if fvd is not None:
+        cached = load_real_statistics(m.stats_cache_dir, fields)
+        need_real_fvd = cached is None
+        if cached is not None:
+            fvd.set_real_statistics(**cached)
+    frame_metrics = []
+    if frame_net is not None:
+        frame_metrics = [frame_fid(frame_net),
+                         frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets))]
 
-    fvd = FrechetVideoDistance(video_net)
-    cached = load_real_statistics(m.stats_cache_dir, fields)
-    if cached is None:
-        for i in range(0, n_real, bs):
-            fvd.update(real_video[i : i + bs], real=True)
-        save_real_statistics(m.stats_cache_dir, fields, fvd.real_statistics())
-    else:
-        fvd.set_real_statistics(**cached)
-    for i in range(0, len(fake), bs):
-        fvd.update(fake[i : i + bs], real=False)
-    out = {"eval/fvd": float(fvd.compute())}
+    if need_real_fvd or frame_metrics:
+        seen = 0
+        for video in (real_batches() if callable(real_batches) else real_batches):
+            video = video[: n_real - seen]
+            if need_real_fvd:
+                fvd.update(video, real=True)
+            for metric in frame_metrics:
+                metric.update(clips_to_frames(video), real=True)
+            seen += len(video)
+            if seen >= n_real:
+                break
+        if need_real_fvd:
+            save_real_statistics(m.stats_cache_dir, fields, fvd.real_statistics())
 
-    frames_per_clip = real_video.shape[2]
-    fid = frame_fid(frame_net)
-    kid = frame_kid(frame_net, n_real * frames_per_clip, len(fake) * frames_per_clip, subsets=int(m.kid_subsets))
-    for metric in (fid, kid):
-        for i in range(0, n_real, bs):
-            metric.update(clips_to_frames(real_video[i : i + bs]), real=True)
-        for i in range(0, len(fake), bs):
-            metric.update(clips_to_frames(fake[i : i + bs]), real=False)
-    out["eval/fid"] = float(fid.compute())
-    kid_mean, kid_std = kid.compute()
-    out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
+    logits = []
+    for video in fake_batches:
+        if fvd is not None:
+            fvd.update(video, real=False)
+        for metric in frame_metrics:
+            metric.update(clips_to_frames(video), real=False)
+        if evaluator is not None:
+            logits.append(evaluator(video))
 
-    if evaluator is not None and prompt_labels is not None and (prompt_labels >= 0).all():
-        out.update(alignment_metrics(evaluator, fake, prompt_labels, prompt_unseen, bs))
+    out = {}
+    if fvd is not None:
+        out["eval/fvd"] = float(fvd.compute())
+    if frame_metrics:
+        out["eval/fid"] = float(frame_metrics[0].compute())
+        kid_mean, kid_std = frame_metrics[1].compute()
+        out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
+    if logits and prompt_labels is not None and (prompt_labels >= 0).all():
+        joined = {name: torch.cat([c[name] for c in logits]) for name in ATTRIBUTE_NAMES}
+        out.update(alignment_from_logits(joined, prompt_labels, prompt_unseen))
     return out
 
 
@@ -208,7 +278,11 @@ def evaluator_logits(evaluator, videos: torch.Tensor, bs: int) -> dict[str, torc
 def alignment_metrics(evaluator, videos, labels, unseen, bs: int, prefix: str = "eval") -> dict[str, float]:
     """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
     levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate)."""
-    report = attribute_accuracy(evaluator_logits(evaluator, videos, bs), labels, unseen, ATTRIBUTE_NAMES)
+    return alignment_from_logits(evaluator_logits(evaluator, videos, bs), labels, unseen, prefix)
+
+
+def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") -> dict[str, float]:
+    report = attribute_accuracy(logits, labels, unseen, ATTRIBUTE_NAMES)
     out = {}
     for attr in [*ATTRIBUTE_NAMES, "all"]:
         out[f"{prefix}/acc_{attr}"] = report["overall"]["acc"][attr]
@@ -221,67 +295,81 @@ def alignment_metrics(evaluator, videos, labels, unseen, bs: int, prefix: str = 
 
 
 @torch.no_grad()
-def reconstruct(vae_module, videos: torch.Tensor, bs: int) -> torch.Tensor:
-    """VAE reconstructions (posterior means decoded), clamped to [-1, 1] like decoded samples."""
+def reconstruct(vae_module, video: torch.Tensor) -> torch.Tensor:
+    """VAE reconstructions (posterior means decoded) of a batch of clips, clamped to [-1, 1] like decoded samples."""
     device = next(vae_module.parameters(), torch.zeros(())).device
-    out = []
-    for i in range(0, len(videos), bs):
-        mean, _ = vae_module.vae.encode(videos[i : i + bs].to(device))
-        out.append(vae_module.vae.decode(mean).clamp(-1, 1).cpu())
-    return torch.cat(out)
+    mean, _ = vae_module.vae.encode(video.to(device))
+    return vae_module.vae.decode(mean).clamp(-1, 1).cpu()
 
 
-def reference_points(evaluator, real_video, labels, unseen, m: DictConfig, vae_module=None) -> dict[str, float]:
+@torch.no_grad()
+def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dict[str, float]:
     """What the evaluator reads, per attribute and all-correct, from the real clips (`eval/real_acc_*`), from pure
     noise (`eval/noise_acc_*`: the floor) and from the VAE's reconstructions of the real clips
     (`eval/ceiling_acc_*`): no latent DiT can show more than its VAE keeps, so this is the ceiling its samples
-    are measured against. They tell "at chance" from "broken" and "learned" from "capped"."""
-    bs = int(m.batch_size)
-    noise = torch.randn(real_video.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
-    sources = {"real": real_video, "noise": noise}
-    if vae_module is not None:
-        sources["ceiling"] = reconstruct(vae_module, real_video, bs)
+    are measured against. They tell "at chance" from "broken" and "learned" from "capped". `batches` yields the
+    real clips, cut to the protocol, batch by batch."""
+    noise_gen = torch.Generator().manual_seed(0)
+    logits = {"real": [], "noise": [], "ceiling": []}
+    for video in batches:
+        logits["real"].append(evaluator(video))
+        logits["noise"].append(evaluator(torch.randn(video.shape, generator=noise_gen).clamp(-1, 1)))
+        if vae_module is not None:
+            logits["ceiling"].append(evaluator(reconstruct(vae_module, video)))
     out = {}
-    for name, videos in sources.items():
-        acc = alignment_metrics(evaluator, take_clips(videos, m), labels, unseen, bs, "r")
-        out.update({f"eval/{name}_acc_{a}": acc[f"r/acc_{a}"] for a in [*ATTRIBUTE_NAMES, "all"]})
+    for source, chunks in logits.items():
+        if chunks:
+            joined = {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTE_NAMES}
+            acc = alignment_from_logits(joined, labels, unseen, "r")
+            out.update({f"eval/{source}_acc_{a}": acc[f"r/acc_{a}"] for a in [*ATTRIBUTE_NAMES, "all"]})
     return out
 
 
 def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
-    """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol."""
+    """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol.
+
+    Streaming: generated clips are sampled, scored and dropped batch by batch, and real clips are read batch by
+    batch, so memory does not grow with the clip counts."""
     m = cfg.metrics
+    check_metrics_config(cfg)
     data_cfg = to_container(cfg.data)
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if data_cfg["name"] == "shapes" else None
-    if m.features == "evaluator" and evaluator is None:
-        raise ConfigError("metrics=evaluator needs data=shapes (attribute labels); use metrics=torchscript")
     nets = build_feature_networks(to_container(m), evaluator)
-    real = real_clips(data_cfg, m)
-    n = int(m.n_samples)
-    prompts, labels, unseen = real["caption"][:n], real["labels"][:n], real["unseen"][:n]
+    dataset = build_dataset(data_cfg, m.real_split, train=False)
+    n, bs = int(m.n_samples), int(m.batch_size)
+    require(len(dataset) >= max(m.n_real, n), "metrics.n_real/n_samples", (m.n_real, n),
+            f"the {m.real_split} split has only {len(dataset)} clips")
+    prompts = eval_prompts(dataset, n)
+    labels, unseen = prompts["labels"], prompts["unseen"]
     per_seed = []
     was_training = module.training
     module.eval()
     t0 = time.time()
     for s in range(int(m.num_seeds)):
         seed = int(m.seed) + s
-        fake = module.sample_videos(prompts, steps=int(m.sample_steps), guidance_scale=float(m.cfg), seed=seed,
-                                    batch_size=int(m.batch_size)).cpu()
+        # sample_videos seeds batch i with seed + i, so batch-by-batch sampling draws the same clips as one call.
+        fake = (take_clips(module.sample_videos(prompts["caption"][i : i + bs], steps=int(m.sample_steps),
+                                                guidance_scale=float(m.cfg), seed=seed + i, batch_size=bs).cpu(), m)
+                for i in range(0, n, bs))
         fields = protocol_fields(m, nets[0], data_cfg, seed)
-        per_seed.append(evaluate_videos(fake, real, m, nets, evaluator, fields, labels, unseen))
+        per_seed.append(evaluate_videos(fake, lambda seed=seed: real_batches(dataset, m, int(m.n_real), seed),
+                                        m, nets, evaluator, fields, labels, unseen))
     module.train(was_training)
     metrics = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in per_seed[0]}
-    if len(per_seed) > 1:
+    if len(per_seed) > 1 and "eval/fvd" in per_seed[0]:
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
     if evaluator is not None:
-        metrics.update(reference_points(evaluator, real["video"][:n], labels, unseen, m, getattr(module, "vae", None)))
+        metrics.update(reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
+                                        getattr(module, "vae", None)))
     metrics["time/eval_seconds"] = time.time() - t0
     if logger is not None:
         logger.log_metrics(metrics, step=step)
         fields = protocol_fields(m, nets[0], data_cfg, int(m.seed))
         protocol = {f"eval.protocol.{k}": str(v) for k, v in fields.items()}
         protocol.update({"eval.protocol.num_seeds": str(m.num_seeds), "eval.protocol.cfg": str(m.cfg),
-                         "eval.protocol.sample_steps": str(m.sample_steps), "eval.protocol.fid_net": nets[1].id})
+                         "eval.protocol.sample_steps": str(m.sample_steps),
+                         "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
+                         "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
         for k, v in protocol.items():
             logger.experiment.set_tag(logger.run_id, k, v)
     return metrics
@@ -319,23 +407,46 @@ def print_metrics(metrics: dict[str, float], title: str):
 # ---- the command -----------------------------------------------------------------------------------------------
 
 
-def folder_clips(root: str, m: DictConfig, height: int, width: int) -> torch.Tensor:
-    """Every video under `root` (no captions needed), centre clip of the protocol's span, resized and cropped."""
-    from sorabench.data.folder import VIDEO_EXTENSIONS, resize_and_crop
-    from sorabench.data.video_io import read_frames
+def video_files(root: str) -> list[Path]:
+    from sorabench.data.folder import VIDEO_EXTENSIONS
 
     files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not files:
         raise ConfigError(f"{root}: no video files")
+    return files
+
+
+def check_lengths(files: list[Path], m: DictConfig) -> None:
+    """Every file long enough for the protocol, checked from the container headers before any decoding."""
+    from sorabench.data.video_io import probe
+
     span = (m.num_frames - 1) * m.frame_stride + 1
-    clips = []
     for path in files:
-        frames, _ = read_frames(path)
-        if len(frames) < span:
-            raise ConfigError(f"{path}: {len(frames)} frames, the protocol needs {span}")
-        start = (len(frames) - span) // 2
-        clips.append(resize_and_crop(frames[start : start + span], height, width))
-    return torch.stack(clips)
+        frames = probe(path)["frames"]
+        if frames and frames < span:
+            raise ConfigError(f"{path}: {frames} frames, metrics.num_frames={m.num_frames} at stride "
+                              f"{m.frame_stride} needs {span}")
+
+
+def folder_batches(files: list[Path], m: DictConfig, size: int, start: str, seed: int):
+    """Batches of clips from video files (no captions needed): each file decoded, cut to the protocol's span at
+    `start` (first | center | random), short side resized to `size` and centre-cropped; one batch in memory."""
+    from sorabench.data.folder import resize_and_crop
+    from sorabench.data.video_io import read_frames
+
+    span = (m.num_frames - 1) * m.frame_stride + 1
+    generator = torch.Generator().manual_seed(seed)
+    bs = int(m.batch_size)
+    for i in range(0, len(files), bs):
+        clips = []
+        for path in files[i : i + bs]:
+            frames, _ = read_frames(path, max_frames=span if start == "first" else None)  # uint8 (T, H, W, 3)
+            if len(frames) < span:
+                raise ConfigError(f"{path}: {len(frames)} frames, the protocol needs {span}")
+            o = clip_offset(len(frames), span, start, generator)
+            # Cut before resizing: only the protocol's frames are ever resized and kept.
+            clips.append(resize_and_crop(frames[o : o + span : m.frame_stride], size, size))
+        yield torch.stack(clips)
 
 
 def main(cfg: DictConfig) -> int:
@@ -346,16 +457,23 @@ def main(cfg: DictConfig) -> int:
     if cfg.real_root or cfg.fake_root:
         require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
                 "give both folders")
+        require(m.features != "evaluator" or m.get("evaluator_on_other_data", False), "metrics", m.features,
+                "the evaluator's features are trained on `shapes`, not on your videos: use metrics=i3d (standard "
+                "FVD), or set metrics.evaluator_on_other_data=true to apply them anyway")
+        check_metrics_config(cfg)
+        real_files, fake_files = video_files(cfg.real_root), video_files(cfg.fake_root)
+        check_lengths(real_files + fake_files, m)
         evaluator = load_evaluator(ensure_evaluator(cfg)).net if m.features == "evaluator" else None
         nets = build_feature_networks(to_container(m), evaluator)
-        size = int(m.resolution) if m.features == "evaluator" else int(cfg.data.height)
-        real = folder_clips(cfg.real_root, m, size, size)
-        fake = folder_clips(cfg.fake_root, m, size, size)
+        size = int(m.resolution)
         with open_dict(m):
-            m.n_real, m.n_samples = len(real), len(fake)
+            m.n_real, m.n_samples = len(real_files), len(fake_files)
         fields = protocol_fields(m, nets[0], {"name": "folder", "root": str(Path(cfg.real_root).resolve())}, 0)
-        metrics = evaluate_videos(fake, {"video": real}, m, nets, None, fields, None, None)
-        print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({nets[0].id})")
+        # Real clips start at metrics.clip_start (StyleGAN-V: random), generated ones at frame 0.
+        real = folder_batches(real_files, m, size, m.get("clip_start", "first"), int(m.seed))
+        fake = folder_batches(fake_files, m, size, "first", int(m.seed))
+        metrics = evaluate_videos(fake, real, m, nets, None, fields, None, None)
+        print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
     from sorabench.training.commands import load_dit

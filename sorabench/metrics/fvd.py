@@ -173,6 +173,7 @@ PROTOCOL_FIELDS = (
     "n_generated",  # clips generated per model and seed
     "num_frames",
     "frame_stride",
+    "clip_start",  # where the frames of a real clip start: first | center | random (generated clips: frame 0)
     "resolution",
     "real_split",  # which data the real statistics come from, e.g. "shapes/test"
     "seed",

@@ -218,11 +218,10 @@ def validate_train_config(cfg: DictConfig):
             "must be > 0")
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri)
-    if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
-        for net in ("fvd", "fid"):
-            path = Path(cfg.metrics[net].path)
-            if not path.is_file():
-                raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
+    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+        from sorabench.metrics.evaluate import check_metrics_config
+
+        check_metrics_config(cfg)
     from sorabench.models.dit import check_patch_size
     from sorabench.models.vae import build_vae
 
