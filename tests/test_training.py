@@ -97,7 +97,8 @@ def test_periodic_evaluation_sees_the_ema_weights(tiny_overrides, monkeypatch):
     seen = {}
     monkeypatch.setattr(evaluate, "evaluate_module", lambda module, cfg, logger=None, step=0: seen.setdefault(
         step, {k: v.clone() for k, v in module.state_dict().items()}) and {})
-    cfg = compose_config("train", [*tiny_overrides, "evaluate.every_n_steps=6", "mlflow.enabled=false",
+    cfg = compose_config("train", [*tiny_overrides, "evaluate.every_n_steps=6", "evaluate.enabled=false",
+                                   "mlflow.enabled=false",
                                    "ema.start_step=0", "ema.decay=0.7"], command="train")
     callbacks = training_callbacks(cfg, val_cache={})
     torch.manual_seed(0)

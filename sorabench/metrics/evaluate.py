@@ -389,6 +389,8 @@ class EvaluateCallback(L.Callback):
         step = trainer.global_step
         if trainer.sanity_checking or step == self.last or step == 0 or step % self.every and step < trainer.max_steps:
             return
+        if step >= trainer.max_steps and self.cfg.evaluate.enabled:
+            return  # the final evaluation after training scores these same (EMA) weights: not twice
         self.last = step
         metrics = evaluate_module(pl_module, self.cfg, trainer.logger, step=step)
         console.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in HEADLINE))
