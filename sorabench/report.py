@@ -12,7 +12,7 @@ the same files go to the parent run's artifacts under `report/`.
 
 The statistics are small pure functions of a runs DataFrame (one row per run, a `strategy` column, one column per
 metric named by its MLflow key), so they can be checked on synthetic numbers: `mean_ci95`, `summarise`,
-`rank_strategies`, `pairwise_tests`, `holm`, `composition`, `aggregate_history`, `reading`.
+`rank_strategies`, `pairwise_tests`, `holm`, `holm_across`, `composition`, `aggregate_history`, `reading`.
 """
 
 from __future__ import annotations
@@ -176,6 +176,17 @@ def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=
     return out
 
 
+def holm_across(tests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Re-adjust `welch_p_holm` over every pair of every tested metric together (one family of tests): the
+    headline's "significant" must survive the number of comparisons actually made, not only those of one metric."""
+    frames = [t.assign(_metric=m) for m, t in tests.items()]
+    if not frames or not sum(len(t) for t in frames):
+        return tests
+    joined = pd.concat(frames, ignore_index=True)
+    joined["welch_p_holm"] = holm(joined["welch_p"])
+    return {m: joined[joined._metric == m].drop(columns="_metric").reset_index(drop=True) for m in tests}
+
+
 def composition_attributes(columns) -> list[str]:
     """Attributes with both `eval/acc_<attr>_seen` and `eval/acc_<attr>_unseen`, `all` first."""
     cols = set(columns)
@@ -294,7 +305,8 @@ def reading(
         second = ranked.index[1]
         s = ranked.loc[second]
         pair = tests[((tests.a == best) & (tests.b == second)) | ((tests.a == second) & (tests.b == best))]
-        p = pair["welch_p"].iloc[0] if len(pair) else math.nan
+        raw = pair["welch_p"].iloc[0] if len(pair) else math.nan
+        p = pair["welch_p_holm"].iloc[0] if len(pair) and "welch_p_holm" in pair else raw
         mwu = pair["mwu_p"].iloc[0] if len(pair) else math.nan
         gap = abs(b[mean] - s[mean])
         text = (
@@ -304,9 +316,10 @@ def reading(
         if _ok(p):
             verdict = "significant" if p < ALPHA else "not significant"
             text += f" the difference is {verdict} at p<{ALPHA:g}"
-            text += f" (Welch t-test p={fmt_p(p)}; Mann–Whitney p={fmt_p(mwu)})."
+            text += (f" (Welch t-test, Holm-adjusted over all pairs of the tested metrics p={fmt_p(p)},"
+                     f" unadjusted p={fmt_p(raw)}; Mann–Whitney p={fmt_p(mwu)}).")
             if min(int(b[n]), int(s[n])) < 5:
-                text += " With fewer than 5 seeds per strategy the tests have little power; p-values are not adjusted."
+                text += " With fewer than 5 seeds per strategy the tests have little power."
         else:
             text += " the difference could not be tested (a strategy has fewer than 2 runs, or no variance)."
         parts.append(text)
@@ -490,7 +503,9 @@ def render_markdown(
 
     md += ["## Pairwise tests", ""]
     md.append(f"Welch's t-test (unequal variances) and the two-sided Mann–Whitney U test per pair of strategies; "
-              f"diff = mean A − mean B; Holm = Welch p adjusted for the number of pairs. Significance level {ALPHA:g}.")
+              f"diff = mean A − mean B; Holm = Welch p adjusted over every pair of every tested metric "
+              f"({', '.join(tests)}) together. The reading calls a difference significant on the Holm p. "
+              f"Significance level {ALPHA:g}.")
     md.append("")
     for m, t in tests.items():
         md += [f"### {m}", ""]
@@ -609,7 +624,7 @@ def main(cfg: DictConfig) -> int:
     summary = rank_strategies(summarise(complete, metrics), metric, direction)
     order = list(summary.index)
     tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]
-    tests = {m: pairwise_tests(complete, m, order=order) for m in tested}
+    tests = holm_across({m: pairwise_tests(complete, m, order=order) for m in tested})
     comp = composition(complete, order=order)
 
     out_dir = Path(cfg.run_dir)

@@ -184,7 +184,8 @@ def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluat
 
     frames_per_clip = real_video.shape[2]
     fid = frame_fid(frame_net)
-    kid = frame_kid(frame_net, n_real * frames_per_clip, len(fake) * frames_per_clip, subsets=int(m.kid_subsets))
+    kid = frame_kid(frame_net, n_real * frames_per_clip, len(fake) * frames_per_clip, subsets=int(m.kid_subsets),
+                    max_subset_size=int(m.kid_subset_size))
     for metric in (fid, kid):
         for i in range(0, n_real, bs):
             metric.update(clips_to_frames(real_video[i : i + bs]), real=True)

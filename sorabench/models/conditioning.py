@@ -450,12 +450,12 @@ class AdaLNZero(_AdaLN):
 
 @register("adaln")
 class AdaLN(_AdaLN):
-    """DiT's adaLN variant: shift/scale regressed from c, no gates, and no zero initialisation anywhere."""
+    """DiT's adaLN variant: shift/scale regressed from c, no gates; the block modulations keep the generic xavier
+    init. The final linear is zero-initialised like every strategy's (DiT's `initialize_weights` does it for all
+    its variants), so adaLN starts predicting 0 like the others: a random output layer would be a handicap that
+    has nothing to do with how the condition enters."""
 
     gated = False
-
-    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
-        pass  # keep the generic xavier init, the final linear included
 
 
 @register("hybrid")
