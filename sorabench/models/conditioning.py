@@ -299,6 +299,145 @@ class HybridFinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+# ---- joint text + video sequences (SD3 MM-DiT, Flux, CogVideoX) ----------------------------------------------
+# The text tokens are prepended to the video tokens and updated block by block, like in-context tokens; the block
+# splits x = [text (B, M, D); video (B, N, D)] by M = cond.mask.shape[1]. Every attention runs over the joined
+# sequence with the padded text tokens masked out as keys (queries at padding are computed and never read).
+
+
+class JointCond(NamedTuple):
+    """c (B, D): the modulation vector, already through SiLU; text: the projected text tokens and their mask."""
+
+    c: Tensor
+    text: Context
+
+
+def require_full_attention(spec: BlockSpec, name: str) -> None:
+    if spec.attention != "full":
+        raise ValueError(f"conditioning={name} attends over the joined text + video sequence: it needs "
+                         f"dit.attention=full, got {spec.attention!r}")
+
+
+class QKV(nn.Module):
+    """Fused Linear(D, 3D) -> q, k, v (B, heads, L, D/heads), with an optional per-head q/k norm: RMSNorm (SD3.5,
+    Flux) or LayerNorm (CogVideoX), which keeps attention logits bounded as the model grows."""
+
+    def __init__(self, width: int, heads: int, qk_norm: str | None = None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        head_dim = width // heads
+        norms = {None: nn.Identity, "rms": lambda: nn.RMSNorm(head_dim, eps=1e-6),
+                 "layer": lambda: nn.LayerNorm(head_dim, eps=1e-6)}
+        if qk_norm not in norms:
+            raise ValueError(f"qk_norm must be null, 'rms' or 'layer', got {qk_norm!r}")
+        self.q_norm, self.k_norm = norms[qk_norm](), norms[qk_norm]()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_mask: Tensor) -> Tensor:
+    """SDPA over [text; video] (B, H, M + N, d); text_mask (B, M) True = valid; video keys always valid.
+    Returns (B, M + N, H·d)."""
+    B, H, L, d = q.shape
+    key_mask = F.pad(text_mask, (0, L - text_mask.shape[1]), value=True)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    return out.transpose(1, 2).reshape(B, L, H * d)
+
+
+class DoubleStreamBlock(nn.Module):
+    """SD3's MM-DiT block (= Flux's double-stream block): text and video keep their own adaLN-Zero modulation,
+    QKV, output projection and MLP; their queries, keys and values are concatenated into one attention, so
+    information flows both ways, and the text stream is updated block by block. Same layout as diffusers'
+    `JointTransformerBlock` / `FluxTransformerBlock` (checked against them in tests/test_parity.py)."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = None):
+        super().__init__()
+        D, hidden = spec.width, int(spec.width * spec.mlp_ratio)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # no parameters: shared by both streams
+        self.modulation, self.context_modulation = nn.Linear(D, 6 * D), nn.Linear(D, 6 * D)
+        self.attn, self.context_attn = QKV(D, spec.heads, qk_norm), QKV(D, spec.heads, qk_norm)
+        self.proj, self.context_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.mlp, self.context_mlp = Mlp(D, hidden, D), Mlp(D, hidden, D)
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        M = cond.text.mask.shape[1]
+        txt, vid = x[:, :M], x[:, M:]
+        v1, v_scale1, v_gate1, v2, v_scale2, v_gate2 = self.modulation(cond.c).unsqueeze(1).chunk(6, dim=-1)
+        t1, t_scale1, t_gate1, t2, t_scale2, t_gate2 = self.context_modulation(cond.c).unsqueeze(1).chunk(6, dim=-1)
+        qt, kt, vt = self.context_attn(modulate(self.norm(txt), t1, t_scale1))
+        qv, kv, vv = self.attn(modulate(self.norm(vid), v1, v_scale1))
+        out = joint_attention(torch.cat([qt, qv], 2), torch.cat([kt, kv], 2), torch.cat([vt, vv], 2), cond.text.mask)
+        vid = vid + v_gate1 * self.proj(out[:, M:])
+        txt = txt + t_gate1 * self.context_proj(out[:, :M])
+        vid = vid + v_gate2 * self.mlp(modulate(self.norm(vid), v2, v_scale2))
+        txt = txt + t_gate2 * self.context_mlp(modulate(self.norm(txt), t2, t_scale2))
+        return torch.cat([txt, vid], dim=1)
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux's single-stream block: one set of weights for the joined [text; video] sequence; attention and MLP
+    run in parallel from one adaLN-Zero-modulated norm, and one Linear maps [attention out; MLP hidden] back to D
+    (as diffusers' `FluxSingleTransformerBlock`; the attention has no output projection of its own)."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = "rms"):
+        super().__init__()
+        D, hidden = spec.width, int(spec.width * spec.mlp_ratio)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(D, 3 * D)
+        self.attn = QKV(D, spec.heads, qk_norm)
+        self.mlp_in = nn.Linear(D, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(D + hidden, D)
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        shift, scale, gate = self.modulation(cond.c).unsqueeze(1).chunk(3, dim=-1)
+        h = modulate(self.norm(x), shift, scale)
+        attn = joint_attention(*self.attn(h), cond.text.mask)
+        return x + gate * self.proj(torch.cat([attn, self.act(self.mlp_in(h))], dim=-1))
+
+
+class JointFinalLayer(AdaLNFinalLayer):
+    """DiT's adaLN final layer, reading c from a `JointCond`."""
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        return super().forward(x, cond.c)
+
+
+class ExpertAdaLNBlock(nn.Module):
+    """CogVideoX's block: the joined [text; video] sequence goes through one attention and one MLP with shared
+    weights; each of the two norms is followed by "expert" modulation - separate shift/scale/gate for the text and
+    for the video tokens, regressed from c. LayerNorms are affine (eps 1e-5) and q/k are LayerNorm-ed, as in
+    diffusers' `CogVideoXBlock` / `CogVideoXLayerNormZero`."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = "layer"):
+        super().__init__()
+        D = spec.width
+        self.norm1, self.norm2 = nn.LayerNorm(D, eps=1e-5), nn.LayerNorm(D, eps=1e-5)
+        self.modulation1, self.modulation2 = nn.Linear(D, 6 * D), nn.Linear(D, 6 * D)
+        self.attn = QKV(D, spec.heads, qk_norm)
+        self.proj = nn.Linear(D, D)
+        self.mlp = Mlp(D, int(D * spec.mlp_ratio), D)
+
+    @staticmethod
+    def expert_modulate(x: Tensor, M: int, mod: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, M + N, D) normalised; mod (B, 1, 6D) = video (shift, scale, gate), text (shift, scale, gate)."""
+        shift, scale, gate, t_shift, t_scale, t_gate = mod.chunk(6, dim=-1)
+        h = torch.cat([modulate(x[:, :M], t_shift, t_scale), modulate(x[:, M:], shift, scale)], dim=1)
+        gates = torch.cat([t_gate.expand(-1, M, -1), gate.expand(-1, x.shape[1] - M, -1)], dim=1)
+        return h, gates
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        M = cond.text.mask.shape[1]
+        h, gate = self.expert_modulate(self.norm1(x), M, self.modulation1(cond.c).unsqueeze(1))
+        x = x + gate * self.proj(joint_attention(*self.attn(h), cond.text.mask))
+        h, gate = self.expert_modulate(self.norm2(x), M, self.modulation2(cond.c).unsqueeze(1))
+        return x + gate * self.mlp(h)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The interface and the registry
 # --------------------------------------------------------------------------------------------------------------
@@ -316,6 +455,11 @@ class ConditioningStrategy(nn.Module):
 
     def block(self) -> nn.Module:
         raise NotImplementedError
+
+    def blocks(self, depth: int) -> nn.ModuleList:
+        """The backbone's `depth` blocks; a strategy whose blocks differ with depth (Flux: double-stream, then
+        single-stream) overrides this instead of `block`."""
+        return nn.ModuleList(self.block() for _ in range(depth))
 
     def final_layer(self, out_dim: int) -> nn.Module:
         raise NotImplementedError
@@ -487,3 +631,79 @@ class Hybrid(ConditioningStrategy):
         if self.zero_init_cross_attn:
             for block in blocks:
                 zero_(block.cross_attn.proj)
+
+
+class _JointSequence(ConditioningStrategy):
+    """Shared by the joint-sequence strategies: the projected text tokens are prepended to the video tokens and
+    dropped before the final layer (as in-context), and c = SiLU(t_emb [+ MLP(pooled text)]) drives every block's
+    modulation and DiT's adaLN final layer. Every modulation Linear and the final layer are zero-initialised
+    (adaLN-Zero: each block starts as the identity for both streams, the output at exactly 0)."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool, qk_norm: str | None):
+        super().__init__(spec)
+        require_full_attention(spec, type(self).__name__)
+        self.qk_norm = qk_norm
+        self.text_proj = Mlp(text_dim, spec.width, spec.width)
+        self.pooled_proj = Mlp(text_dim, spec.width, spec.width) if pooled_text else None
+
+    def forward(self, t_emb: Tensor, text: TextEmbedding) -> JointCond:
+        c = t_emb if self.pooled_proj is None else t_emb + self.pooled_proj(text.pooled)
+        return JointCond(F.silu(c), Context(self.text_proj(text.tokens), text.mask))
+
+    def final_layer(self, out_dim: int) -> nn.Module:
+        return JointFinalLayer(self.spec.width, out_dim)
+
+    def prepend_tokens(self, x: Tensor, cond: JointCond) -> Tensor:
+        return torch.cat([cond.text.tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond: JointCond) -> Tensor:
+        return x[:, cond.text.tokens.shape[1] :]
+
+    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+        super().initialize(blocks, final_layer)
+        for module in [*blocks.modules(), final_layer]:
+            for name, child in module.named_children():
+                if "modulation" in name:
+                    zero_(child)
+
+
+@register("mmdit")
+class MMDiT(_JointSequence):
+    """SD3's MM-DiT (Esser et al. 2024): every block is a double-stream `DoubleStreamBlock`; t + pooled text
+    modulate both streams (SD3: t + pooled CLIP). qk_norm: null as SD3, 'rms' as SD3.5."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = True, qk_norm: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm)
+
+    def block(self) -> nn.Module:
+        return DoubleStreamBlock(self.spec, self.qk_norm)
+
+
+@register("double_single")
+class DoubleSingle(_JointSequence):
+    """Flux / HunyuanVideo / Open-Sora 2.0: `double_blocks` double-stream blocks, then single-stream blocks over
+    the joined sequence for the rest of the depth (Flux: 19 + 38; default round(depth / 3), at least 1)."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, double_blocks: int | None = None, pooled_text: bool = True,
+                 qk_norm: str | None = "rms"):
+        super().__init__(spec, text_dim, pooled_text, qk_norm)
+        self.double_blocks = double_blocks
+
+    def blocks(self, depth: int) -> nn.ModuleList:
+        n = max(1, round(depth / 3)) if self.double_blocks is None else int(self.double_blocks)
+        if not 0 <= n <= depth:
+            raise ValueError(f"conditioning.double_blocks={n} must be between 0 and dit.depth={depth}")
+        return nn.ModuleList([DoubleStreamBlock(self.spec, self.qk_norm) for _ in range(n)]
+                             + [SingleStreamBlock(self.spec, self.qk_norm) for _ in range(depth - n)])
+
+
+@register("expert_adaln")
+class ExpertAdaLN(_JointSequence):
+    """CogVideoX's expert adaLN (Yang et al. 2024): one joined sequence, shared attention and MLP weights,
+    separate shift/scale/gate for text and video tokens. CogVideoX modulates with t alone (pooled_text false)."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = False, qk_norm: str | None = "layer"):
+        super().__init__(spec, text_dim, pooled_text, qk_norm)
+
+    def block(self) -> nn.Module:
+        return ExpertAdaLNBlock(self.spec, self.qk_norm)

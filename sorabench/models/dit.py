@@ -136,7 +136,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(width, timestep_scale)
         spec = BlockSpec(width, heads, mlp_ratio, attention, frames=grid[0], positions=grid[1] * grid[2])
         self.conditioning = build_strategy(conditioning, spec, text_dim, **conditioning_kwargs)
-        self.blocks = nn.ModuleList(self.conditioning.block() for _ in range(depth))
+        self.blocks = self.conditioning.blocks(depth)
         self.final_layer = self.conditioning.final_layer(patch_dim)
         self.null_tokens = nn.Parameter(torch.randn(1, text_dim) * 0.02)
         self.null_pooled = nn.Parameter(torch.randn(text_dim) * 0.02)
