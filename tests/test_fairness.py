@@ -58,3 +58,48 @@ def test_kid_subset_size_is_honoured(tmp_path, monkeypatch):
                               "kid_subset_size": size, "stats_cache_dir": str(tmp_path / str(size))})
         out = evaluate_videos(fake, real, m, nets, None, fields, None, None)
         assert sizes[-1] == expected and out["eval/kid"] == out["eval/kid"]
+
+
+# ---- two axes: the text pathway x the timestep pathway -------------------------------------------------------
+
+AXES = [(name, t) for name in sorted(STRATEGIES) for t in STRATEGIES[name].timesteps]
+
+
+@pytest.mark.parametrize("name, timestep", AXES, ids=lambda v: str(v))
+def test_every_text_pathway_with_every_timestep_pathway_builds_and_starts_at_zero(name, timestep):
+    model = tiny_dit(name, timestep=timestep)
+    x, t, text = inputs()
+    out = model(x, t, text)
+    assert out.shape == x.shape and torch.equal(out.detach(), torch.zeros_like(x))
+    out.square().sum().backward()  # the graph is connected
+    assert model.final_layer.linear.weight.grad is not None
+
+
+def test_held_equal_timestep_is_adaln_zero_modulation_without_a_t_token():
+    from sorabench.models.conditioning import ModulatedBlock
+
+    x, t, text = inputs()
+    for name in ("in_context", "cross_attention"):
+        model = tiny_dit(name, timestep="adaln_zero")
+        cond = model.conditioning(model.t_embedder(t), text)
+        # t enters only as c = SiLU(t_emb), exactly adaln_zero's c without the pooled text ...
+        assert torch.equal(cond.c, torch.nn.functional.silu(model.t_embedder(t)))
+        assert all(isinstance(b, ModulatedBlock) for b in model.blocks)
+        # ... and never as a token: in-context prepends the text tokens alone
+        assert model.conditioning.prepend_tokens(torch.zeros(2, 64, 64), cond).shape[1] == 64 + (
+            text.tokens.shape[1] if name == "in_context" else 0)
+    paper = tiny_dit("in_context")  # the name keeps DiT's meaning: [t; text] tokens, plain blocks
+    cond = paper.conditioning(paper.t_embedder(t), text)
+    assert cond.tokens.shape[1] == 1 + text.tokens.shape[1]
+
+
+def test_timestep_axis_errors_and_labels():
+    from sorabench.models.conditioning import strategy_label
+
+    with pytest.raises(ValueError, match=r"conditioning.timestep='adaln_zero'.*\['adaln_single'\]"):
+        tiny_dit("hybrid", timestep="adaln_zero")
+    with pytest.raises(ValueError, match="conditioning.timestep='film'"):
+        tiny_dit("mmdit", timestep="film")
+    assert strategy_label("in_context", "token") == "in_context"
+    assert strategy_label("in_context", "adaln_zero") == "in_context+t=adaln_zero"
+    assert strategy_label("mmdit", "adaln_zero") == "mmdit" and strategy_label("adaln_zero", None) == "adaln_zero"

@@ -400,13 +400,6 @@ class SingleStreamBlock(nn.Module):
         return x + gate * self.proj(torch.cat([attn, self.act(self.mlp_in(h))], dim=-1))
 
 
-class JointFinalLayer(AdaLNFinalLayer):
-    """DiT's adaLN final layer, reading c from a `JointCond`."""
-
-    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
-        return super().forward(x, cond.c)
-
-
 class ExpertAdaLNBlock(nn.Module):
     """CogVideoX's block: the joined [text; video] sequence goes through one attention and one MLP with shared
     weights; each of the two norms is followed by "expert" modulation - separate shift/scale/gate for the text and
@@ -438,17 +431,79 @@ class ExpertAdaLNBlock(nn.Module):
         return x + gate * self.mlp(h)
 
 
+# ---- the timestep pathway held equal ---------------------------------------------------------------------------
+
+
+class ModulatedCond(NamedTuple):
+    """c (B, D) after SiLU for the modulation; text: the projected text tokens for cross-attention (or None);
+    prefix: condition tokens in the sequence (in-context text, or the timestep token), or None."""
+
+    c: Tensor
+    text: Context | None
+    prefix: Context | None
+
+
+class ModulatedBlock(nn.Module):
+    """A DiT block whose norms are modulated by c (adaLN; gated = adaLN-Zero) while the text enters by its own
+    pathway: as prefix tokens in the sequence (in-context; padding masked), or by cross-attention after the
+    self-attention (pre-norm, DiT's cross-attention block). With c = SiLU(t_emb) this is how the existing text
+    pathways see the timestep through adaLN-Zero, exactly as adaln_zero does, so only the text pathway differs."""
+
+    def __init__(self, spec: BlockSpec, gated: bool = True, cross_attention: bool = False):
+        super().__init__()
+        self.gated = gated
+        self.norm1 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
+        self.attn = self_attention_layers(spec)
+        self.cross_norm = nn.LayerNorm(spec.width, eps=1e-6) if cross_attention else None
+        self.cross_attn = CrossAttention(spec.width, spec.heads) if cross_attention else None
+        self.norm2 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(spec.width, int(spec.width * spec.mlp_ratio), spec.width)
+        self.modulation = nn.Linear(spec.width, (6 if gated else 4) * spec.width)
+
+    def forward(self, x: Tensor, cond: ModulatedCond) -> Tensor:
+        mod = self.modulation(cond.c).unsqueeze(1).chunk(6 if self.gated else 4, dim=-1)
+        if self.gated:
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        else:
+            (shift1, scale1, shift2, scale2), gate1, gate2 = mod, 1.0, 1.0
+        prefix_mask = None if cond.prefix is None else cond.prefix.mask
+        for attn in self.attn:
+            x = x + gate1 * attn(modulate(self.norm1(x), shift1, scale1), prefix_mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), cond.text.tokens, cond.text.mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class ModulatedFinalLayer(AdaLNFinalLayer):
+    """DiT's adaLN final layer, reading c from a `ModulatedCond` or `JointCond`."""
+
+    def forward(self, x: Tensor, cond) -> Tensor:
+        return super().forward(x, cond.c)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The interface and the registry
 # --------------------------------------------------------------------------------------------------------------
 
 
 class ConditioningStrategy(nn.Module):
-    """Base class; a strategy's own parameters (text projections, ...) live in it. See the module docstring."""
+    """Base class; a strategy's own parameters (text projections, ...) live in it. See the module docstring.
+
+    `timesteps`: how the timestep may enter with this text pathway, the first being the strategy's own (its
+    paper's coupling, what its name has always meant); `check_timestep` turns any other into a one-line error."""
+
+    timesteps: tuple[str, ...] = ()
 
     def __init__(self, spec: BlockSpec):
         super().__init__()
         self.spec = spec
+
+    def check_timestep(self, timestep: str | None) -> str:
+        timestep = timestep or self.timesteps[0]
+        if timestep not in self.timesteps:
+            raise ValueError(f"conditioning.timestep={timestep!r} is not available for {type(self).__name__}; "
+                             f"choose one of {list(self.timesteps)}")
+        return timestep
 
     def forward(self, t_emb: Tensor, text: TextEmbedding):
         raise NotImplementedError
@@ -496,6 +551,15 @@ def build_strategy(name: str, spec: BlockSpec, text_dim: int, **options) -> Cond
     return STRATEGIES[name](spec, text_dim, **options)
 
 
+def strategy_label(name: str, timestep: str | None = None) -> str:
+    """What a run is called in reports: the strategy's name, plus `+t=<timestep>` when the timestep does not enter
+    the strategy's own way (so `in_context` still means DiT's in-context, `in_context+t=adaln_zero` the variant)."""
+    cls = STRATEGIES.get(name)
+    if timestep is None or cls is None or not cls.timesteps or timestep == cls.timesteps[0]:
+        return name
+    return f"{name}+t={timestep}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The strategies
 # --------------------------------------------------------------------------------------------------------------
@@ -506,26 +570,44 @@ class InContext(ConditioningStrategy):
     """DiT's in-context conditioning: the timestep token and the projected text tokens are prepended to the
     video tokens and processed like them by plain pre-norm blocks (padded text tokens are never attended to);
     they are dropped before the final layer. With factorised attention they join every frame's spatial
-    attention and skip the temporal one (see `SelfAttention`)."""
+    attention and skip the temporal one (see `SelfAttention`).
 
-    def __init__(self, spec: BlockSpec, text_dim: int):
+    timestep: "token" (DiT: t is the first prepended token) or "adaln_zero" (the text tokens alone are prepended;
+    t modulates every block and the final layer through adaLN-Zero, exactly as in adaln_zero)."""
+
+    timesteps = ("token", "adaln_zero")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Context:
-        return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "token":
+            return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+        tokens = Context(self.text_proj(text.tokens), text.mask)
+        return ModulatedCond(F.silu(t_emb), None, tokens)
 
     def block(self) -> nn.Module:
-        return PlainBlock(self.spec)
+        return PlainBlock(self.spec) if self.timestep == "token" else ModulatedBlock(self.spec)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return FinalLayer(self.spec.width, out_dim)
+        return FinalLayer(self.spec.width, out_dim) if self.timestep == "token" else ModulatedFinalLayer(
+            self.spec.width, out_dim)
 
-    def prepend_tokens(self, x: Tensor, cond: Context) -> Tensor:
-        return torch.cat([cond.tokens, x], dim=1)
+    def prefix(self, cond) -> Context:
+        return cond if self.timestep == "token" else cond.prefix
 
-    def drop_tokens(self, x: Tensor, cond: Context) -> Tensor:
-        return x[:, cond.tokens.shape[1] :]
+    def prepend_tokens(self, x: Tensor, cond) -> Tensor:
+        return torch.cat([self.prefix(cond).tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond) -> Tensor:
+        return x[:, self.prefix(cond).tokens.shape[1] :]
+
+    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+        super().initialize(blocks, final_layer)
+        if self.timestep == "adaln_zero":
+            zero_modulations(blocks, final_layer)
 
 
 @register("cross_attention")
@@ -533,48 +615,77 @@ class CrossAttentionConditioning(ConditioningStrategy):
     """DiT's cross-attention variant with text tokens in place of the class: after self-attention every block
     cross-attends to [t; projected text tokens]; the timestep is not injected anywhere else.
 
+    timestep: "token" (DiT: t is one of the attended tokens) or "adaln_zero" (the blocks cross-attend to the text
+    tokens alone; t modulates every block and the final layer through adaLN-Zero, as in adaln_zero).
     zero_init_cross_attn: DiT's description has no zero init (default, so the ablation re-implements DiT);
     True starts every cross-attention as a no-op, as PixArt does - offered as an option to ablate.
     """
 
-    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = False):
+    timesteps = ("token", "adaln_zero")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = False, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.zero_init_cross_attn = zero_init_cross_attn
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Context:
-        return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "token":
+            return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+        return ModulatedCond(F.silu(t_emb), Context(self.text_proj(text.tokens), text.mask), None)
 
     def block(self) -> nn.Module:
-        return CrossAttentionBlock(self.spec)
+        if self.timestep == "token":
+            return CrossAttentionBlock(self.spec)
+        return ModulatedBlock(self.spec, cross_attention=True)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return FinalLayer(self.spec.width, out_dim)
+        return FinalLayer(self.spec.width, out_dim) if self.timestep == "token" else ModulatedFinalLayer(
+            self.spec.width, out_dim)
 
     def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
         super().initialize(blocks, final_layer)
+        if self.timestep == "adaln_zero":
+            zero_modulations(blocks, final_layer)
         if self.zero_init_cross_attn:
             for block in blocks:
                 zero_(block.cross_attn.proj)
 
 
 class _AdaLN(ConditioningStrategy):
-    """c = SiLU(t_emb + MLP(pooled text)), computed once and shared by all blocks and the final layer."""
+    """c = SiLU(t_emb + MLP(pooled text)), computed once and shared by all blocks and the final layer.
+
+    timestep: "adaln_zero" (DiT: t is added to the pooled text in c) or "token" (c = SiLU(MLP(pooled text))
+    only; t enters as one token prepended to the video tokens, dropped before the final layer)."""
 
     gated: bool
+    timesteps = ("adaln_zero", "token")
 
-    def __init__(self, spec: BlockSpec, text_dim: int):
+    def __init__(self, spec: BlockSpec, text_dim: int, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Tensor:
-        return F.silu(t_emb + self.text_proj(text.pooled))
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "adaln_zero":
+            return F.silu(t_emb + self.text_proj(text.pooled))
+        t_token = Context(t_emb.unsqueeze(1), torch.ones(len(t_emb), 1, dtype=torch.bool, device=t_emb.device))
+        return ModulatedCond(F.silu(self.text_proj(text.pooled)), None, t_token)
 
     def block(self) -> nn.Module:
-        return AdaLNBlock(self.spec, gated=self.gated)
+        if self.timestep == "adaln_zero":
+            return AdaLNBlock(self.spec, gated=self.gated)
+        return ModulatedBlock(self.spec, gated=self.gated)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return AdaLNFinalLayer(self.spec.width, out_dim)
+        cls = AdaLNFinalLayer if self.timestep == "adaln_zero" else ModulatedFinalLayer
+        return cls(self.spec.width, out_dim)
+
+    def prepend_tokens(self, x: Tensor, cond) -> Tensor:
+        return x if self.timestep == "adaln_zero" else torch.cat([cond.prefix.tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond) -> Tensor:
+        return x if self.timestep == "adaln_zero" else x[:, 1:]
 
 
 @register("adaln_zero")
@@ -587,9 +698,7 @@ class AdaLNZero(_AdaLN):
 
     def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
         super().initialize(blocks, final_layer)
-        for block in blocks:
-            zero_(block.modulation)
-        zero_(final_layer.modulation)
+        zero_modulations(blocks, final_layer)
 
 
 @register("adaln")
@@ -607,10 +716,14 @@ class Hybrid(ConditioningStrategy):
     """PixArt-alpha / Open-Sora: text by cross-attention, timestep by adaLN-single - one shared
     SiLU -> Linear(D, 6D) of t_emb for all blocks, plus a learned (6, D) table per block. As PixArt: the shared
     t projection is normal(0.02)-initialised, the cross-attention output projections and the final linear are
-    zero (zero_init_cross_attn), so text enters gradually."""
+    zero (zero_init_cross_attn), so text enters gradually. Its text pathway is cross_attention's; with
+    `cross_attention` + `timestep=adaln_zero` the two differ only in how t enters (adaLN-single vs adaLN-Zero)."""
 
-    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = True):
+    timesteps = ("adaln_single",)
+
+    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = True, timestep: str | None = None):
         super().__init__(spec)
+        self.check_timestep(timestep)
         self.zero_init_cross_attn = zero_init_cross_attn
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
         self.t_block = nn.Linear(spec.width, 6 * spec.width)
@@ -633,25 +746,45 @@ class Hybrid(ConditioningStrategy):
                 zero_(block.cross_attn.proj)
 
 
+def zero_modulations(blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+    """adaLN-Zero: every Linear named *modulation* (blocks and final layer) starts at 0 - gates closed, blocks the
+    identity, shift/scale 0."""
+    for module in [*blocks.modules(), final_layer]:
+        for name, child in module.named_children():
+            if "modulation" in name and isinstance(child, nn.Linear):
+                zero_(child)
+
+
 class _JointSequence(ConditioningStrategy):
     """Shared by the joint-sequence strategies: the projected text tokens are prepended to the video tokens and
     dropped before the final layer (as in-context), and c = SiLU(t_emb [+ MLP(pooled text)]) drives every block's
     modulation and DiT's adaLN final layer. Every modulation Linear and the final layer are zero-initialised
-    (adaLN-Zero: each block starts as the identity for both streams, the output at exactly 0)."""
+    (adaLN-Zero: each block starts as the identity for both streams, the output at exactly 0).
 
-    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool, qk_norm: str | None):
+    timestep: "adaln_zero" (SD3, Flux, CogVideoX: t in c) or "token" (t is one more, always valid, token in front
+    of the text stream; c = SiLU(MLP(pooled text)), or 0 without pooled text - the modulations then learn
+    constant shift/scale/gate through their biases, as adaLN-single's table)."""
+
+    timesteps = ("adaln_zero", "token")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool, qk_norm: str | None, timestep: str | None):
         super().__init__(spec)
         require_full_attention(spec, type(self).__name__)
+        self.timestep = self.check_timestep(timestep)
         self.qk_norm = qk_norm
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
         self.pooled_proj = Mlp(text_dim, spec.width, spec.width) if pooled_text else None
 
     def forward(self, t_emb: Tensor, text: TextEmbedding) -> JointCond:
-        c = t_emb if self.pooled_proj is None else t_emb + self.pooled_proj(text.pooled)
-        return JointCond(F.silu(c), Context(self.text_proj(text.tokens), text.mask))
+        tokens = Context(self.text_proj(text.tokens), text.mask)
+        pooled = 0.0 if self.pooled_proj is None else self.pooled_proj(text.pooled)
+        if self.timestep == "adaln_zero":
+            return JointCond(F.silu(t_emb + pooled), tokens)
+        c = F.silu(pooled + torch.zeros_like(t_emb))
+        return JointCond(c, timestep_and_text_tokens(t_emb, tokens.tokens, tokens.mask))
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return JointFinalLayer(self.spec.width, out_dim)
+        return ModulatedFinalLayer(self.spec.width, out_dim)
 
     def prepend_tokens(self, x: Tensor, cond: JointCond) -> Tensor:
         return torch.cat([cond.text.tokens, x], dim=1)
@@ -661,10 +794,7 @@ class _JointSequence(ConditioningStrategy):
 
     def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
         super().initialize(blocks, final_layer)
-        for module in [*blocks.modules(), final_layer]:
-            for name, child in module.named_children():
-                if "modulation" in name:
-                    zero_(child)
+        zero_modulations(blocks, final_layer)
 
 
 @register("mmdit")
@@ -672,8 +802,9 @@ class MMDiT(_JointSequence):
     """SD3's MM-DiT (Esser et al. 2024): every block is a double-stream `DoubleStreamBlock`; t + pooled text
     modulate both streams (SD3: t + pooled CLIP). qk_norm: null as SD3, 'rms' as SD3.5."""
 
-    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = True, qk_norm: str | None = None):
-        super().__init__(spec, text_dim, pooled_text, qk_norm)
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = True, qk_norm: str | None = None,
+                 timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
 
     def block(self) -> nn.Module:
         return DoubleStreamBlock(self.spec, self.qk_norm)
@@ -685,8 +816,8 @@ class DoubleSingle(_JointSequence):
     the joined sequence for the rest of the depth (Flux: 19 + 38; default round(depth / 3), at least 1)."""
 
     def __init__(self, spec: BlockSpec, text_dim: int, double_blocks: int | None = None, pooled_text: bool = True,
-                 qk_norm: str | None = "rms"):
-        super().__init__(spec, text_dim, pooled_text, qk_norm)
+                 qk_norm: str | None = "rms", timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
         self.double_blocks = double_blocks
 
     def blocks(self, depth: int) -> nn.ModuleList:
@@ -702,8 +833,9 @@ class ExpertAdaLN(_JointSequence):
     """CogVideoX's expert adaLN (Yang et al. 2024): one joined sequence, shared attention and MLP weights,
     separate shift/scale/gate for text and video tokens. CogVideoX modulates with t alone (pooled_text false)."""
 
-    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = False, qk_norm: str | None = "layer"):
-        super().__init__(spec, text_dim, pooled_text, qk_norm)
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = False, qk_norm: str | None = "layer",
+                 timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
 
     def block(self) -> nn.Module:
         return ExpertAdaLNBlock(self.spec, self.qk_norm)

@@ -293,7 +293,10 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
     module.attach_vae(vae)
     module.precompute_text([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
-    logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": cfg.conditioning.name},
+    from sorabench.models.conditioning import strategy_label
+
+    label = strategy_label(cfg.conditioning.name, cfg.conditioning.get("timestep"))
+    logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": label},
                          parent_run_id=parent_run_id)
     trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")
     t0 = time.time()
