@@ -35,7 +35,7 @@ from sorabench.tracking import check_tracking_uri
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
 ATTRS = ("all", "colour", "shape", "size", "direction", "speed")  # report order: all attributes first
-KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss")
+KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
 TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
 PARAMS, GFLOPS = "model/params", "model/gflops"
@@ -345,6 +345,21 @@ def reading(
     return " ".join(parts)
 
 
+def budget_line(runs: pd.DataFrame) -> str:
+    """How the runs' training budget was set (`budget`, `budget_reference`, `trainer.max_steps` params), in words."""
+    def values(col: str) -> list[str]:
+        return sorted(set(runs[col].dropna().astype(str)), key=lambda v: (len(v), v)) if col in runs else []  # 800 < 1200
+
+    kinds, steps = values("params.budget") or ["steps"], values("params.trainer.max_steps")
+    if kinds == ["flops"]:
+        ref = ", ".join(values("params.budget_reference")) or "?"
+        return (f"training budget: equal FLOPs (budget=flops): each strategy's steps scaled to the training FLOPs of "
+                f"{ref}; steps per run: {', '.join(steps) or '?'}")
+    if kinds == ["steps"]:
+        return f"training budget: equal steps (budget=steps): {', '.join(steps) or '?'} steps per run"
+    return f"training budget: MIXED ({', '.join(kinds)}) - these runs were not trained under one budget"
+
+
 # --------------------------------------------------------------------------------------------------- MLflow
 
 
@@ -647,6 +662,7 @@ def main(cfg: DictConfig) -> int:
         "parent run: " + (f"`{parent_id}`" if parent_id else "none (all runs of the experiment)"),
         "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
         f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
+        budget_line(complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
     md = render_markdown(

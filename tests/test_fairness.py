@@ -103,3 +103,26 @@ def test_timestep_axis_errors_and_labels():
     assert strategy_label("in_context", "token") == "in_context"
     assert strategy_label("in_context", "adaln_zero") == "in_context+t=adaln_zero"
     assert strategy_label("mmdit", "adaln_zero") == "mmdit" and strategy_label("adaln_zero", None) == "adaln_zero"
+
+
+def test_flops_budget_gives_every_strategy_the_reference_training_flops():
+    from sorabench.models.text import LearnedTextEncoder
+    from sorabench.training.dit_module import DiTModule, flops_budget_steps
+
+    captions = ["a red circle moving left", "a big blue square moving up quickly", "green triangle"]
+
+    def module(name: str) -> DiTModule:
+        return DiTModule((4, 4, 8, 8), dit=dict(width=32, depth=1, heads=2, patch_size=[1, 2, 2]),
+                         conditioning={"name": name}, diffusion={"name": "flow"}, optim={"lr": 1e-3},
+                         text_encoder={"name": "learned", "width": 16, "depth": 1, "heads": 2, "max_length": 32},
+                         vocab=LearnedTextEncoder.from_captions(captions).vocab)
+
+    ref = module("adaln_zero")
+    assert flops_budget_steps(ref, captions, "adaln_zero", 1000) == 1000
+    for name in ("in_context", "mmdit"):
+        m = module(name)
+        steps = flops_budget_steps(m, captions, "adaln_zero", 1000)
+        ratio = ref.gflops(captions) / m.gflops(captions)
+        assert steps < 1000 and steps == round(1000 * ratio)  # costlier per step: fewer steps, equal FLOPs
+    with pytest.raises(ValueError, match="budget_reference='nope'"):
+        flops_budget_steps(ref, captions, "nope", 10)

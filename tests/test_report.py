@@ -311,3 +311,13 @@ def test_cli_errors_are_one_line_exit_2(store, capsys):
 def test_missing_store_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no MLflow database"):
         main(report_cfg(tmp_path, "study=x"))
+
+
+def test_budget_line_states_the_budget():
+    from sorabench.report import budget_line
+
+    flops = pd.DataFrame({"params.budget": ["flops", "flops"], "params.budget_reference": ["adaln_zero"] * 2,
+                          "params.trainer.max_steps": ["1200", "800"]})
+    assert "equal FLOPs" in budget_line(flops) and "adaln_zero" in budget_line(flops) and "800, 1200" in budget_line(flops)
+    assert "equal steps" in budget_line(pd.DataFrame({"params.trainer.max_steps": ["5"]}))
+    assert "MIXED" in budget_line(pd.DataFrame({"params.budget": ["flops", "steps"]}))

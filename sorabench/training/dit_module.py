@@ -47,6 +47,27 @@ def build_optimizer(params: list[torch.nn.Parameter], optim: dict) -> torch.opti
     )
 
 
+def flops_budget_steps(module: "DiTModule", captions: list[str], reference: str, steps: int) -> int:
+    """`budget=flops`: the step count that gives `module` the training FLOPs of the `reference` strategy (same
+    backbone, same batch) at `steps` steps. Both are counted by `caption_flops` at the training split's real caption
+    lengths; a step costs ~3 forwards for every strategy, so the ratio of forward GFLOPs is the ratio of step
+    costs. A strategy twice as expensive per step gets half the steps."""
+    from sorabench.config import CONF_DIR, to_container
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "conditioning" / f"{reference}.yaml"
+    if not path.is_file():
+        raise ValueError(f"budget_reference={reference!r}: no conf/conditioning/{reference}.yaml")
+    options = to_container(OmegaConf.load(path))
+    options.pop("name", None)
+    model = module.model
+    h = module.hparams
+    ref = DiT(model.latent_shape, conditioning=reference, text_dim=model.text_dim, max_text_len=model.max_text_len,
+              timestep_scale=module.diffusion.timestep_scale, **h.dit, **options)
+    lengths = module.text_lengths(captions)
+    return max(1, round(steps * caption_flops(ref, lengths) / caption_flops(model, lengths)))
+
+
 class DiTModule(L.LightningModule):
     def __init__(
         self,
