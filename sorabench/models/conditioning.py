@@ -20,6 +20,13 @@ The five strategies of the ablation (DiT, Peebles & Xie 2023, Sec. 3.2; PixArt-a
   adaln_zero       t + pooled text regress per-block shift/scale/gate; zero-initialised (every block = identity)
   adaln            the same without gates or zero init (DiT's "adaLN" variant)
   hybrid           cross-attention for text + adaLN-single for t (PixArt-alpha / Open-Sora)
+and of current text-to-video DiTs, on one joined [text; video] sequence whose text tokens are updated through depth:
+  mmdit            SD3's MM-DiT: per-modality QKV/MLP/modulation, one joint attention
+  double_single    Flux / HunyuanVideo / Open-Sora 2.0: double-stream (MM-DiT) blocks, then single-stream blocks
+  expert_adaln     CogVideoX: shared attention and MLP, separate text/video shift/scale/gate
+
+Two axes: the strategy is how the text enters; its `timestep` option how t enters (`adaln_zero` modulation or a
+`token`), each name's default being its paper's coupling (`ConditioningStrategy.timesteps`).
 """
 
 from __future__ import annotations
