@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -221,9 +221,95 @@ def alignment_metrics(evaluator, videos, labels, unseen, bs: int, prefix: str = 
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+# ---- the guidance axis -----------------------------------------------------------------------------------------
+# Besides the shared default scale (`metrics.cfg`, the unsuffixed eval/* keys), a model can be scored at every scale
+# of `metrics.guidance_scales`, on the first `metrics.guidance_n_samples` prompts (the same prompts and the same
+# sampling seed at every scale, so scales differ only by guidance). Keys: `eval/cfg<scale>/<metric>` on the
+# `metrics.real_split` prompts, and `eval_<split>/cfg<scale>/<metric>` on the prompts of `metrics.guidance_select_split`
+# (val), where the report chooses each strategy's best scale: choosing it on the test prompts would be selection on
+# test. MLflow metric names cannot hold '@', hence the `cfg<scale>/` level.
+
+AXIS_METRICS = ("fvd", "fid", "kid", *[f"acc_{a}" for a in (*ATTRIBUTE_NAMES, "all")], "acc_all_seen",
+                "acc_all_unseen")  # logged per scale: the headline numbers, not every diagnostic
+
+
+def guidance_key(metric: str, scale: float, prefix: str = "eval") -> str:
+    """`guidance_key("acc_all", 4.0)` -> 'eval/cfg4/acc_all'; `(.., 1.5, "eval_val")` -> 'eval_val/cfg1.5/acc_all'."""
+    return f"{prefix}/cfg{float(scale):g}/{metric}"
+
+
+def check_guidance_axis(m: DictConfig) -> list[float]:
+    """The validated guidance scales of `metrics` ([] = no axis), before any compute."""
+    scales = m.get("guidance_scales") or []
+    require(all(isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in scales),
+            "metrics.guidance_scales", list(scales), "must be a list of guidance scales >= 0, e.g. [1,2,4,7]")
+    scales = sorted({float(s) for s in scales})
+    if not scales:
+        return []
+    k = m.get("guidance_n_samples") or m.n_samples
+    require(isinstance(k, int) and 2 <= k <= m.n_samples, "metrics.guidance_n_samples", k,
+            f"must be an integer in [2, metrics.n_samples={m.n_samples}] (the axis scores the first k prompts)")
+    split = m.get("guidance_select_split")
+    require(split is None or split != m.real_split, "metrics.guidance_select_split", split,
+            f"must differ from metrics.real_split={m.real_split!r} (choosing on the reported prompts is selection "
+            "on test), or null for an oracle choice")
+    return scales
+
+
+def _axis_scores(scored: dict[str, float], scale: float, prefix: str) -> dict[str, float]:
+    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in AXIS_METRICS if f"eval/{k}" in scored}
+
+
+def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, real: dict, default_fake: torch.Tensor,
+                  select: dict | None, nets, evaluator, data_cfg: dict) -> dict[str, float]:
+    """Scores at every scale of the axis for one seed: on the first k prompts of `real` (reusing the first k clips
+    already sampled at `metrics.cfg`) and, when `select` is given, on the first k prompts of the selection split."""
+    k = int(m.get("guidance_n_samples") or m.n_samples)
+    sub = OmegaConf.create(to_container(m))  # resolved: a detached copy cannot resolve ${cache_dir}
+    with open_dict(sub):
+        sub.n_samples = k
+    out = {}
+    for split_real, prefix, reuse in ((real, "eval", default_fake), (select, f"eval_{m.get('guidance_select_split')}",
+                                                                     None)):
+        if split_real is None:
+            continue
+        with open_dict(sub):
+            sub.real_split, sub.n_real = (m.real_split, m.n_real) if reuse is not None else (
+                m.guidance_select_split, split_real["n_real"])
+        fields = protocol_fields(sub, nets[0], data_cfg, seed)
+        prompts, labels, unseen = split_real["caption"][:k], split_real["labels"][:k], split_real["unseen"][:k]
+        for scale in scales:
+            if reuse is not None and scale == float(m.cfg):
+                fake = reuse[:k]  # the default scale's clips: same prompts, same seed, no second sampling
+            else:
+                fake = module.sample_videos(prompts, steps=int(m.sample_steps), guidance_scale=scale, seed=seed,
+                                            batch_size=int(m.batch_size)).cpu()
+            scored = evaluate_videos(fake, split_real, sub, nets, evaluator, fields, labels, unseen)
+            out.update(_axis_scores(scored, scale, prefix))
+    return out
+
+
+def selection_clips(data_cfg: dict, m: DictConfig) -> dict | None:
+    """Real clips and prompts of `metrics.guidance_select_split` (its real statistics use at most `metrics.n_real`
+    clips of that split), or None without a selection split."""
+    split = m.get("guidance_select_split")
+    if not split:
+        return None
+    k = int(m.get("guidance_n_samples") or m.n_samples)
+    size = len(build_dataset(data_cfg, split, train=False))
+    require(size >= k, "metrics.guidance_select_split", split,
+            f"the {split} split has {size} clips, fewer than metrics.guidance_n_samples={k}")
+    sub = OmegaConf.create(to_container(m))
+    with open_dict(sub):
+        sub.real_split, sub.n_real, sub.n_samples = split, min(int(m.n_real), size), k
+    return {**real_clips(data_cfg, sub), "n_real": int(sub.n_real)}
+
+
 def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
-    """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol."""
+    """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol; with
+    `metrics.guidance_scales`, also eval/cfg<scale>/* (and eval_<select split>/cfg<scale>/*) per scale."""
     m = cfg.metrics
+    scales = check_guidance_axis(m)
     data_cfg = to_container(cfg.data)
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if data_cfg["name"] == "shapes" else None
     if m.features == "evaluator" and evaluator is None:
@@ -232,7 +318,8 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
     real = real_clips(data_cfg, m)
     n = int(m.n_samples)
     prompts, labels, unseen = real["caption"][:n], real["labels"][:n], real["unseen"][:n]
-    per_seed = []
+    select = selection_clips(data_cfg, m) if scales else None
+    per_seed, axis_seconds = [], 0.0
     was_training = module.training
     module.eval()
     t0 = time.time()
@@ -242,8 +329,14 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
                                     batch_size=int(m.batch_size)).cpu()
         fields = protocol_fields(m, nets[0], data_cfg, seed)
         per_seed.append(evaluate_videos(fake, real, m, nets, evaluator, fields, labels, unseen))
+        if scales:
+            t_axis = time.time()
+            per_seed[-1].update(guidance_axis(module, m, scales, seed, real, fake, select, nets, evaluator, data_cfg))
+            axis_seconds += time.time() - t_axis
     module.train(was_training)
     metrics = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in per_seed[0]}
+    if scales:
+        metrics["time/guidance_axis_seconds"] = axis_seconds
     if len(per_seed) > 1:
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
     if evaluator is not None:
@@ -260,6 +353,10 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
         protocol = {f"eval.protocol.{k}": str(v) for k, v in fields.items()}
         protocol.update({"eval.protocol.num_seeds": str(m.num_seeds), "eval.protocol.cfg": str(m.cfg),
                          "eval.protocol.sample_steps": str(m.sample_steps), "eval.protocol.fid_net": nets[1].id})
+        if scales:
+            protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
+                             "eval.protocol.guidance_n_samples": str(m.get("guidance_n_samples") or m.n_samples),
+                             "eval.protocol.guidance_select_split": str(m.get("guidance_select_split"))})
         for k, v in protocol.items():
             logger.experiment.set_tag(logger.run_id, k, v)
     return metrics
@@ -321,6 +418,7 @@ def main(cfg: DictConfig) -> int:
 
     m = cfg.metrics
     require(m.cfg >= 0, "metrics.cfg", m.cfg, "the guidance scale must be >= 0")
+    check_guidance_axis(m)
     if cfg.real_root or cfg.fake_root:
         require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
                 "give both folders")

@@ -219,6 +219,10 @@ def validate_train_config(cfg: DictConfig):
             "must be > 0")
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri)
+    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+        from sorabench.metrics.evaluate import check_guidance_axis
+
+        check_guidance_axis(cfg.metrics)
     if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
         for net in ("fvd", "fid"):
             path = Path(cfg.metrics[net].path)
