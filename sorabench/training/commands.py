@@ -217,12 +217,12 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.get("budget", "steps") in ("steps", "flops"), "budget", cfg.get("budget"), "must be steps or flops")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
-    if cfg.mlflow.enabled:
-        check_tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
         from sorabench.metrics.evaluate import check_guidance_axis
 
         check_guidance_axis(cfg.metrics)
+    if cfg.mlflow.enabled:
+        check_tracking_uri(cfg.mlflow.tracking_uri)
     if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
         for net in ("fvd", "fid"):
             path = Path(cfg.metrics[net].path)
