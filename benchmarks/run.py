@@ -28,13 +28,13 @@ from pathlib import Path
 import harness
 import lightning as L
 import torch
-from harness import CONF, ROOT, TEXT_LEN, Row, autocast, build_dit, fake_text, log, side_by_side, timeit, train_step_fn
+from harness import CAPTION_LENGTHS, CONF, ROOT, TEXT_LEN, Row, autocast, build_dit, fake_text, log, side_by_side, timeit, train_step_fn
 from omegaconf import OmegaConf
 
 from sorabench.cli import quiet_libraries
 from sorabench.data.shapes import ShapesConfig, make_split
 from sorabench.diffusion import RectifiedFlow
-from sorabench.models.dit import forward_flops
+from sorabench.models.dit import caption_flops
 from sorabench.models.vae import build_vae
 
 STRATEGIES = ["in_context", "cross_attention", "adaln_zero", "adaln", "hybrid"]
@@ -176,7 +176,7 @@ def bench_strategies(s: dict, peak: float) -> list[Row]:
     for name in STRATEGIES:
         torch.manual_seed(0)
         model = build_dit(name, latent_shape)
-        info[name] = (model.num_parameters(), forward_flops(model, text_len=TEXT_LEN))
+        info[name] = (model.num_parameters(), caption_flops(model, CAPTION_LENGTHS))
         fns[name] = train_step_fn(model, flow, b, lambda: x0)
     t = side_by_side(fns, repeats=s["step_repeats"], warmup=2)
     rows = []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import CONF, ROOT, TEXT_LEN, Row, build_dit, log, side_by_side, sync, timeit, train_step_fn
+from harness import CAPTION_LENGTHS, CONF, ROOT, TEXT_LEN, Row, build_dit, log, side_by_side, sync, timeit, train_step_fn
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -38,7 +38,7 @@ from sorabench.diffusion import RectifiedFlow
 from sorabench.metrics.evaluate import EVALUATOR_TRAINING_KEYS
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance
-from sorabench.models.dit import DiT, forward_flops
+from sorabench.models.dit import DiT, caption_flops
 from sorabench.training.evaluator_module import EvaluatorModule
 
 # frames × latent: sweep the frame count at a fixed latent size, then the latent size at a fixed frame count.
@@ -175,7 +175,7 @@ def bench_scaling(sizes: dict) -> list[Row]:
         fns, flops = {}, {}
         for a in ATTENTIONS:
             model, fns[a] = build_case(a, (c, *z), b)
-            flops[a] = forward_flops(model, text_len=TEXT_LEN)
+            flops[a] = caption_flops(model, CAPTION_LENGTHS)
         t = side_by_side(fns, repeats=s["repeats"], warmup=2)
         measured[z] = {a: (t[a], peak[z, a], flops[a]) for a in ATTENTIONS}
         del model, fns  # this size's models and optimiser states, before the next size is built

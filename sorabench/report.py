@@ -8,11 +8,14 @@ Reads one MLflow experiment (one per study): the study's parent run (tags `sorab
 Writes into `run_dir`: `report.md` (tables, pairwise tests, seen/unseen composition, plots, a plain-text reading),
 `summary.csv` (one row per strategy: `<metric>_mean`, `<metric>_ci95`, `<metric>_n`, `n`), `pairwise.csv`,
 `runs.csv` (every child run flattened: metrics by bare name, `params.*`, `tags.*`) and one PNG per metric history;
+with a guidance axis (`metrics.guidance_scales`) also `guidance.csv`, `guidance_best.csv` (each strategy at its own
+best scale, chosen on the selection split, and at the shared default) and `guidance_acc_all.png` / `guidance_fvd.png`;
 the same files go to the parent run's artifacts under `report/`.
 
 The statistics are small pure functions of a runs DataFrame (one row per run, a `strategy` column, one column per
 metric named by its MLflow key), so they can be checked on synthetic numbers: `mean_ci95`, `summarise`,
-`rank_strategies`, `pairwise_tests`, `holm`, `composition`, `aggregate_history`, `reading`.
+`rank_strategies`, `pairwise_tests`, `holm`, `holm_across`, `composition`, `aggregate_history`, `reading`,
+`guidance_summary`, `best_scales`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from sorabench.tracking import check_tracking_uri
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
 ATTRS = ("all", "colour", "shape", "size", "direction", "speed")  # report order: all attributes first
-KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss")
+KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
 TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
 PARAMS, GFLOPS = "model/params", "model/gflops"
@@ -176,6 +179,17 @@ def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=
     return out
 
 
+def holm_across(tests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Re-adjust `welch_p_holm` over every pair of every tested metric together (one family of tests): the
+    headline's "significant" must survive the number of comparisons actually made, not only those of one metric."""
+    frames = [t.assign(_metric=m) for m, t in tests.items()]
+    if not frames or not sum(len(t) for t in frames):
+        return tests
+    joined = pd.concat(frames, ignore_index=True)
+    joined["welch_p_holm"] = holm(joined["welch_p"])
+    return {m: joined[joined._metric == m].drop(columns="_metric").reset_index(drop=True) for m in tests}
+
+
 def composition_attributes(columns) -> list[str]:
     """Attributes with both `eval/acc_<attr>_seen` and `eval/acc_<attr>_unseen`, `all` first."""
     cols = set(columns)
@@ -243,7 +257,9 @@ def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str =
     for m in metrics:
         if f"{m}_mean" not in summary:
             continue
-        ranked = rank_strategies(summary, m, metric_direction(m)).dropna(subset=[f"{m}_mean"])
+        # `summary` may already be ranked (it has a `rank` column): re-rank on this metric without it
+        ranked = rank_strategies(summary.drop(columns="rank", errors="ignore"), m, metric_direction(m))
+        ranked = ranked.dropna(subset=[f"{m}_mean"])
         names = list(ranked.index)
         for other in dict.fromkeys(names[1:2] + names[-1:]):
             if other != names[0]:
@@ -284,6 +300,158 @@ def power_analysis(runs: pd.DataFrame, metric: str, a: str, b: str, by: str = "s
     if d > 0:
         out["seeds_needed"] = next((n for n in range(2, max_n + 1) if power_at(n) >= power), max_n + 1)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ guidance axis
+# `metrics.guidance_scales` logs `eval/cfg<scale>/<metric>` (test prompts) and `eval_<split>/cfg<scale>/<metric>`
+# (the selection split's prompts, val by default) beside the unsuffixed eval/* of the shared default scale
+# (`metrics.cfg`); see sorabench.metrics.evaluate.guidance_key.
+
+GUIDANCE_KEY = re.compile(r"(eval(?:_[A-Za-z0-9]+)?)/cfg([0-9]+(?:\.[0-9]+)?)/(.+)")
+GUIDANCE_PLOTS = ("acc_all", "fvd")
+
+
+def guidance_keys(columns) -> pd.DataFrame:
+    """One row per guidance-axis column: `column`, `prefix` (eval = the reported split, eval_<split> = selection),
+    `scale` (float) and bare `metric` (e.g. acc_all)."""
+    rows = [(c, m.group(1), float(m.group(2)), m.group(3)) for c in columns if (m := GUIDANCE_KEY.fullmatch(str(c)))]
+    return pd.DataFrame(rows, columns=["column", "prefix", "scale", "metric"])
+
+
+def guidance_summary(runs: pd.DataFrame, by: str = "strategy") -> pd.DataFrame:
+    """Mean, 95% CI and n over runs of every guidance-axis metric: one row per (strategy, prefix, metric, scale)."""
+    keys = guidance_keys(runs.columns)
+    rows = []
+    for name, group in runs.groupby(by, sort=True):
+        for k in keys.itertuples():
+            mean, ci, n = mean_ci95(group[k.column])
+            if n:
+                rows.append({by: name, "prefix": k.prefix, "metric": k.metric, "scale": k.scale, "mean": mean,
+                             "ci95": ci, "n": n})
+    out = pd.DataFrame(rows, columns=[by, "prefix", "metric", "scale", "mean", "ci95", "n"])
+    return out.sort_values([by, "prefix", "metric", "scale"], kind="stable").reset_index(drop=True)
+
+
+def default_scale(runs: pd.DataFrame) -> float:
+    """The shared default guidance scale of the runs (`metrics.cfg`), NaN if not logged or not one value."""
+    for col in ("params.metrics.cfg", "tags.eval.protocol.cfg"):
+        if col in runs:
+            values = set(pd.to_numeric(runs[col], errors="coerce").dropna())
+            if len(values) == 1:
+                return float(values.pop())
+    return math.nan
+
+
+def best_scales(runs: pd.DataFrame, metric: str, direction: str, default: float, by: str = "strategy",
+                order=None, shown=("acc_all", "fvd")) -> pd.DataFrame:
+    """Each strategy at its own best guidance scale and at the shared `default` scale.
+
+    The best scale optimises the mean over runs of `metric` (a bare axis metric, e.g. fvd) on the selection split
+    (`eval_<split>/cfg*/`), never on the reported prompts; without a selection split it is chosen on the reported
+    prompts and `chosen_on` says "oracle". The `shown` metrics are the reported split's (`eval/cfg*/`) at the best
+    and at the default scale, both at the axis's clip count; when the default scale is not on the axis, the
+    unsuffixed eval/* (metrics.n_samples clips) stand in and `default_from` says so."""
+    g = guidance_summary(runs, by)
+    rows = []
+    names = sorted(set(g[by])) if order is None else [s for s in order if s in set(g[by])]
+    for name in names:
+        gs = g[g[by] == name]
+        select = gs[(gs.prefix != "eval") & (gs.metric == metric)]
+        chosen_on = f"{select.prefix.iloc[0].removeprefix('eval_')} prompts" if len(select) else "test prompts (oracle)"
+        if select.empty:
+            select = gs[(gs.prefix == "eval") & (gs.metric == metric)]
+        if select.empty:
+            continue
+        select = select[select.prefix == select.prefix.iloc[0]]
+        key = select["mean"] if direction == "minimize" else -select["mean"]
+        best = float(select.loc[key.idxmin(), "scale"])
+        row = {by: name, "best_scale": best, "chosen_on": chosen_on, "selection_value": float(select["mean"].min()
+               if direction == "minimize" else select["mean"].max()), "default_scale": default}
+        reported = gs[gs.prefix == "eval"]
+        on_axis = _ok(default) and (reported.scale == default).any()
+        row["default_from"] = "axis" if on_axis else "eval/* (metrics.n_samples clips)"
+        for m in shown:
+            at = reported[(reported.metric == m) & (reported.scale == best)]
+            row[f"{m}_best_mean"], row[f"{m}_best_ci95"] = (at["mean"].iloc[0], at["ci95"].iloc[0]) if len(at) else (
+                math.nan, math.nan)
+            if on_axis:
+                at = reported[(reported.metric == m) & (reported.scale == default)]
+                row[f"{m}_default_mean"], row[f"{m}_default_ci95"] = (at["mean"].iloc[0], at["ci95"].iloc[0]) if len(
+                    at) else (math.nan, math.nan)
+            else:
+                col = runs[runs[by] == name][f"eval/{m}"] if f"eval/{m}" in runs else []
+                row[f"{m}_default_mean"], row[f"{m}_default_ci95"], _ = mean_ci95(col)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_guidance(g: pd.DataFrame, metric: str, path: Path, default: float = math.nan, order=None,
+                  by: str = "strategy") -> Path:
+    """`eval/cfg*/<metric>` against the guidance scale, one line per strategy: mean over seeds ± 95% CI."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    d = g[(g.prefix == "eval") & (g.metric == metric)]
+    names = [s for s in (order if order is not None else sorted(set(d[by]))) if s in set(d[by])]
+    for i, name in enumerate(names):
+        r = d[d[by] == name].sort_values("scale")
+        x = r["scale"].to_numpy() * (1 + 0.012 * (i - (len(names) - 1) / 2))  # a small dodge: CIs stay readable
+        ax.errorbar(x, r["mean"], yerr=r["ci95"].fillna(0).to_numpy(), marker="o", ms=4, capsize=3,
+                    label=f"{name} (n={int(r['n'].max())})")
+    if _ok(default):
+        ax.axvline(default, color="grey", ls=":", lw=1, label=f"shared default ({default:g})")
+    ax.set_xlabel("classifier-free guidance scale")
+    ax.set_ylabel(f"eval/{metric}")
+    ax.set_title(f"eval/{metric} vs guidance: mean over seeds, bars = 95% CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def guidance_markdown(g: pd.DataFrame, best: pd.DataFrame, metric: str, direction: str, plots: dict[str, str],
+                      protocol: str) -> list[str]:
+    md = ["## Guidance", ""]
+    if g.empty:
+        return md + ["No guidance axis was logged (metrics.guidance_scales=[] in these runs).", ""]
+    md.append(f"Each model scored at every guidance scale of the axis ({protocol}); mean ± 95% CI over seeds. "
+              "Scales share prompts and sampling seeds, so they differ only by guidance. FVD depends on the clip "
+              "count: compare axis values with each other, not with the unsuffixed eval/* numbers.")
+    md.append("")
+    md += [f"![guidance: {m}]({name})\n" for m, name in plots.items()]
+    if not best.empty:
+        oracle = best.chosen_on.str.contains("oracle").any()
+        md.append(f"Each strategy at its own best scale — the scale with the best mean {metric} "
+                  f"({'lower' if direction == 'minimize' else 'higher'} is better) on "
+                  + ("**the test prompts themselves: an oracle choice** (selection on test, optimistic; set "
+                     "metrics.guidance_select_split=val)" if oracle else
+                     f"the {best.chosen_on.iloc[0]} (held apart from the test prompts reported here)")
+                  + " — and at the shared default scale. Values are on the test prompts.")
+        md.append("")
+        shown = [c.removesuffix("_best_mean") for c in best.columns if c.endswith("_best_mean")]
+        headers = ["strategy", "best scale", f"{metric} on {best.chosen_on.iloc[0]}",
+                   *[f"{m} at best" for m in shown], "default scale", *[f"{m} at default" for m in shown]]
+        rows = [[r.strategy, fmt(r.best_scale, 3), fmt(r.selection_value),
+                 *[fmt_ci(getattr(r, f"{m}_best_mean"), getattr(r, f"{m}_best_ci95")) for m in shown],
+                 fmt(r.default_scale, 3),
+                 *[fmt_ci(getattr(r, f"{m}_default_mean"), getattr(r, f"{m}_default_ci95")) for m in shown]]
+                for r in best.itertuples()]
+        md += [md_table(headers, rows), ""]
+        if (best.default_from != "axis").any():
+            md += ["The default scale is not on the axis: its columns are the unsuffixed eval/* numbers, from "
+                   "metrics.n_samples clips (their FVD is not comparable with the axis's).", ""]
+    table = g[(g.prefix == "eval") & g.metric.isin(GUIDANCE_PLOTS)]
+    if len(table):
+        wide = table.assign(cell=[fmt_ci(a, b) for a, b in zip(table["mean"], table["ci95"])]).pivot_table(
+            index=["strategy", "scale"], columns="metric", values="cell", aggfunc="first")
+        cols = [m for m in GUIDANCE_PLOTS if m in wide]
+        md += [md_table(["strategy", "scale", *[f"eval/{m}" for m in cols]],
+                        [[s, fmt(sc, 3), *[wide.loc[(s, sc), m] for m in cols]] for s, sc in wide.index]), ""]
+    return md
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -365,7 +533,8 @@ def reading(
         second = ranked.index[1]
         s = ranked.loc[second]
         pair = tests[((tests.a == best) & (tests.b == second)) | ((tests.a == second) & (tests.b == best))]
-        p = pair["welch_p"].iloc[0] if len(pair) else math.nan
+        raw = pair["welch_p"].iloc[0] if len(pair) else math.nan
+        p = pair["welch_p_holm"].iloc[0] if len(pair) and "welch_p_holm" in pair else raw
         mwu = pair["mwu_p"].iloc[0] if len(pair) else math.nan
         gap = abs(b[mean] - s[mean])
         text = (
@@ -375,9 +544,10 @@ def reading(
         if _ok(p):
             verdict = "significant" if p < ALPHA else "not significant"
             text += f" the difference is {verdict} at p<{ALPHA:g}"
-            text += f" (Welch t-test p={fmt_p(p)}; Mann–Whitney p={fmt_p(mwu)})."
+            text += (f" (Welch t-test, Holm-adjusted over all pairs of the tested metrics p={fmt_p(p)},"
+                     f" unadjusted p={fmt_p(raw)}; Mann–Whitney p={fmt_p(mwu)}).")
             if min(int(b[n]), int(s[n])) < 5:
-                text += " With fewer than 5 seeds per strategy the tests have little power; p-values are not adjusted."
+                text += " With fewer than 5 seeds per strategy the tests have little power."
         else:
             text += " the difference could not be tested (a strategy has fewer than 2 runs, or no variance)."
         parts.append(text)
@@ -401,6 +571,21 @@ def reading(
     if excluded:
         parts.append(f"{excluded} failed, pruned or unfinished run{'s' if excluded > 1 else ''} were left out.")
     return " ".join(parts)
+
+
+def budget_line(runs: pd.DataFrame) -> str:
+    """How the runs' training budget was set (`budget`, `budget_reference`, `trainer.max_steps` params), in words."""
+    def values(col: str) -> list[str]:
+        return sorted(set(runs[col].dropna().astype(str)), key=lambda v: (len(v), v)) if col in runs else []  # 800 < 1200
+
+    kinds, steps = values("params.budget") or ["steps"], values("params.trainer.max_steps")
+    if kinds == ["flops"]:
+        ref = ", ".join(values("params.budget_reference")) or "?"
+        return (f"training budget: equal FLOPs (budget=flops): each strategy's steps scaled to the training FLOPs of "
+                f"{ref}; steps per run: {', '.join(steps) or '?'}")
+    if kinds == ["steps"]:
+        return f"training budget: equal steps (budget=steps): {', '.join(steps) or '?'} steps per run"
+    return f"training budget: MIXED ({', '.join(kinds)}) - these runs were not trained under one budget"
 
 
 # --------------------------------------------------------------------------------------------------- MLflow
@@ -533,7 +718,7 @@ def plot_name(metric: str) -> str:
 def render_markdown(
     *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
     tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
-    refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None,
+    refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None, guidance: list[str] = (),
 ) -> str:
     order = list(summary.index)
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
@@ -558,13 +743,15 @@ def render_markdown(
             md.append(f"Note: {', '.join(dup)} repeat a seed; n counts runs, not distinct seeds.")
         md.append("")
 
-    others = [m for m in metrics if not m.startswith("eval/chance_")]
+    others = [m for m in metrics if not m.startswith("eval/chance_") and not GUIDANCE_KEY.fullmatch(m)]
     md += ["## All metrics", "", "Mean ± 95% CI over seeds; (n=k) where fewer runs logged the metric.", ""]
     md += [md_table(["metric", *order], [[m, *[_summary_cell(summary, s, m) for s in order]] for m in others]), ""]
 
     md += ["## Pairwise tests", ""]
     md.append(f"Welch's t-test (unequal variances) and the two-sided Mann–Whitney U test per pair of strategies; "
-              f"diff = mean A − mean B; Holm = Welch p adjusted for the number of pairs. Significance level {ALPHA:g}.")
+              f"diff = mean A − mean B; Holm = Welch p adjusted over every pair of every tested metric "
+              f"({', '.join(tests)}) together. The reading calls a difference significant on the Holm p. "
+              f"Significance level {ALPHA:g}.")
     md.append("")
     for m, t in tests.items():
         md += [f"### {m}", ""]
@@ -631,6 +818,8 @@ def render_markdown(
                          fmt(r.power_at_n, 2), seeds])
         headers = ["metric", "best", "vs", "diff", "Holm p", "at α", "Cohen's d", "power now", "seeds for 80%"]
         md += [md_table(headers, rows), ""]
+
+    md += list(guidance)
 
     md += ["## Failed, pruned and unfinished runs", ""]
     if excluded.empty:
@@ -719,13 +908,14 @@ def main(cfg: DictConfig) -> int:
     summary = rank_strategies(summarise(complete, metrics), metric, direction)
     order = list(summary.index)
     tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]
-    tests = {m: pairwise_tests(complete, m, order=order) for m in tested}
+    tests = holm_across({m: pairwise_tests(complete, m, order=order) for m in tested})
     comp = composition(complete, order=order)
 
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = [m for m in CURVE_METRICS if m in metrics]
-    curves += [m for m in metrics if m.startswith("eval/") and not re.match(r"eval/(chance|real|noise|ceiling)_", m)]
+    curves += [m for m in metrics if m.startswith("eval/") and not re.match(r"eval/(chance|real|noise|ceiling)_", m)
+               and not GUIDANCE_KEY.fullmatch(m)]
     plots = {}
     for m, history in fetch_histories(client, complete, curves).items():
         if m not in CURVE_METRICS and history.groupby("run_id").size().max() < 2:
@@ -734,6 +924,18 @@ def main(cfg: DictConfig) -> int:
 
     text = reading(summary, tests.get(metric, pd.DataFrame(columns=PAIRWISE_COLUMNS)), metric, direction, comp,
                    excluded=len(excluded))
+    guidance = guidance_summary(complete)
+    axis_metric = metric.removeprefix("eval/") if (guidance.metric == metric.removeprefix("eval/")).any() else "acc_all"
+    axis_direction = direction if axis_metric == metric.removeprefix("eval/") else metric_direction(axis_metric)
+    shared = default_scale(complete)
+    best = best_scales(complete, axis_metric, axis_direction, shared, order=order) if len(guidance) else pd.DataFrame()
+    guidance_plots = {m: plot_guidance(guidance, m, out_dir / f"guidance_{m}.png", shared, order=order).name
+                      for m in GUIDANCE_PLOTS if ((guidance.prefix == "eval") & (guidance.metric == m)).any()}
+    protocol = ", ".join(f"{k.removeprefix('tags.eval.protocol.')}: {'/'.join(sorted(set(complete[k].dropna())))}"
+                         for k in ("tags.eval.protocol.guidance_scales", "tags.eval.protocol.guidance_n_samples",
+                                   "tags.eval.protocol.guidance_select_split") if k in complete)
+    guidance_md = guidance_markdown(guidance, best, axis_metric, axis_direction, guidance_plots,
+                                    protocol or "protocol tags not logged")
     parent_id = parents.run_id.iloc[-1] if len(parents) else None
     counts = children.state.value_counts()
     header = [
@@ -742,15 +944,20 @@ def main(cfg: DictConfig) -> int:
         "parent run: " + (f"`{parent_id}`" if parent_id else "none (all runs of the experiment)"),
         "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
         f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
+        budget_line(complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
     md = render_markdown(
         title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
-        refs=reference_points(complete), power=headline_power(complete, summary, tested),
+        refs=reference_points(complete), power=headline_power(complete, summary, tested), guidance=guidance_md,
     )
 
     files = ["report.md", "summary.csv", "pairwise.csv", "runs.csv", *plots.values()]
+    if len(guidance):
+        guidance.to_csv(out_dir / "guidance.csv", index=False)
+        best.to_csv(out_dir / "guidance_best.csv", index=False)
+        files += ["guidance.csv", "guidance_best.csv", *guidance_plots.values()]
     (out_dir / "report.md").write_text(md)
     summary.reset_index().to_csv(out_dir / "summary.csv", index=False)
     pairwise = pd.concat(list(tests.values())) if tests else pd.DataFrame(columns=PAIRWISE_COLUMNS)

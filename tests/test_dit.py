@@ -22,7 +22,10 @@ from sorabench.models.dit import DiT, forward_flops, patchify, unpatchify
 from sorabench.models.text import TextEmbedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-STRATEGY_NAMES = ["in_context", "cross_attention", "adaln_zero", "adaln", "hybrid"]
+STRATEGY_NAMES = [
+    "in_context", "cross_attention", "adaln_zero", "adaln", "hybrid", "mmdit", "double_single", "expert_adaln",
+]
+JOINT_SEQUENCE = ["mmdit", "double_single", "expert_adaln"]  # text tokens updated through depth (SD3, Flux, CogVideoX)
 LATENT = (4, 4, 8, 8)  # (C, T, H, W): 4 frames of 4×4 tokens with patch (1, 2, 2)
 TEXT_DIM = 16
 
@@ -66,6 +69,10 @@ def test_patch_size_must_divide_latent():
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 @pytest.mark.parametrize("attention", ["full", "factorised"])
 def test_every_strategy_keeps_the_latent_shape(name, attention):
+    if attention == "factorised" and name in JOINT_SEQUENCE:  # one attention over [text; video]: no factorising
+        with pytest.raises(ValueError, match="needs dit.attention=full"):
+            tiny_dit(name, attention=attention)
+        return
     model = tiny_dit(name, attention=attention)
     x, t, text = inputs()
     out = model(x, t, text)

@@ -8,9 +8,11 @@ from scipy import stats
 
 from sorabench.config import ConfigError, compose_config
 from sorabench.report import (
+    ALPHA,
     aggregate_history,
     composition,
     holm,
+    holm_across,
     main,
     mean_ci95,
     metric_direction,
@@ -165,6 +167,29 @@ def test_reading_names_best_significance_and_chance():
     assert "31× chance" in text and "\n" not in text
 
 
+def test_headline_significance_uses_holm_over_both_tested_metrics():
+    # FVD differs at raw p≈0.03 (significant alone), acc_all not at all: adjusted over both metrics' pairs, the
+    # headline FVD difference must no longer be called significant.
+    runs = pd.DataFrame(
+        {
+            "strategy": ["x"] * 3 + ["y"] * 3 + ["z"] * 3,
+            "eval/fvd": [10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 40.0, 42.0, 44.0],
+            "eval/acc_all": [0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.1, 0.2, 0.31],
+        }
+    )
+    s = rank_strategies(summarise(runs, ["eval/fvd", "eval/acc_all"]), "eval/fvd", "minimize")
+    order = list(s.index)
+    raw = {m: pairwise_tests(runs, m, order=order) for m in ("eval/fvd", "eval/acc_all")}
+    xy = raw["eval/fvd"].iloc[0]
+    assert (xy.a, xy.b) == ("x", "y") and 0.01 < xy.welch_p < ALPHA
+    adjusted = holm_across(raw)
+    every = np.concatenate([t.welch_p.to_numpy() for t in raw.values()])
+    assert adjusted["eval/fvd"].welch_p_holm.iloc[0] == pytest.approx(holm(every)[0])
+    assert adjusted["eval/fvd"].welch_p_holm.iloc[0] > ALPHA
+    assert "not significant" in reading(s, adjusted["eval/fvd"], "eval/fvd", "minimize")
+    assert "is significant" in reading(s, raw["eval/fvd"].assign(welch_p_holm=xy.welch_p), "eval/fvd", "minimize")
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 STUDY = "abl"
@@ -306,3 +331,13 @@ def test_cli_errors_are_one_line_exit_2(store, capsys):
 def test_missing_store_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no MLflow database"):
         main(report_cfg(tmp_path, "study=x"))
+
+
+def test_budget_line_states_the_budget():
+    from sorabench.report import budget_line
+
+    flops = pd.DataFrame({"params.budget": ["flops", "flops"], "params.budget_reference": ["adaln_zero"] * 2,
+                          "params.trainer.max_steps": ["1200", "800"]})
+    assert "equal FLOPs" in budget_line(flops) and "adaln_zero" in budget_line(flops) and "800, 1200" in budget_line(flops)
+    assert "equal steps" in budget_line(pd.DataFrame({"params.trainer.max_steps": ["5"]}))
+    assert "MIXED" in budget_line(pd.DataFrame({"params.budget": ["flops", "steps"]}))

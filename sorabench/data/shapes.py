@@ -250,6 +250,13 @@ class ShapesSplit:
     captions: list[str]
 
 
+def split_captions(cfg: ShapesConfig, split: str) -> list[str]:
+    """The captions of `make_split(cfg, split)` without rendering the videos (same generator, drawn first)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_IDS[split])
+    labels, _ = sample_labels(cfg, split, cfg.split_sizes.get(split, 0), g)
+    return [caption_for(labels[i], g) for i in range(len(labels))]
+
+
 def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown shapes split {split!r}; expected one of {sorted(SPLIT_IDS)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -325,6 +325,86 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dic
     return out
 
 
+# ---- the guidance axis -----------------------------------------------------------------------------------------
+# Besides the shared default scale (`metrics.cfg`, the unsuffixed eval/* keys), a model can be scored at every scale
+# of `metrics.guidance_scales`, on the first `metrics.guidance_n_samples` prompts (the same prompts and the same
+# sampling seed at every scale, so scales differ only by guidance). Keys: `eval/cfg<scale>/<metric>` on the
+# `metrics.real_split` prompts, and `eval_<split>/cfg<scale>/<metric>` on the prompts of `metrics.guidance_select_split`
+# (val), where the report chooses each strategy's best scale: choosing it on the test prompts would be selection on
+# test. MLflow metric names cannot hold '@', hence the `cfg<scale>/` level.
+
+AXIS_METRICS = ("fvd", "fid", "kid", *[f"acc_{a}" for a in (*ATTRIBUTE_NAMES, "all")], "acc_all_seen",
+                "acc_all_unseen")  # logged per scale: the headline numbers, not every diagnostic
+
+
+def guidance_key(metric: str, scale: float, prefix: str = "eval") -> str:
+    """`guidance_key("acc_all", 4.0)` -> 'eval/cfg4/acc_all'; `(.., 1.5, "eval_val")` -> 'eval_val/cfg1.5/acc_all'."""
+    return f"{prefix}/cfg{float(scale):g}/{metric}"
+
+
+def check_guidance_axis(m: DictConfig) -> list[float]:
+    """The validated guidance scales of `metrics` ([] = no axis), before any compute."""
+    scales = m.get("guidance_scales") or []
+    require(all(isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 for s in scales),
+            "metrics.guidance_scales", list(scales), "must be a list of guidance scales >= 0, e.g. [1,2,4,7]")
+    scales = sorted({float(s) for s in scales})
+    if not scales:
+        return []
+    k = m.get("guidance_n_samples") or m.n_samples
+    require(isinstance(k, int) and 2 <= k <= m.n_samples, "metrics.guidance_n_samples", k,
+            f"must be an integer in [2, metrics.n_samples={m.n_samples}] (the axis scores the first k prompts)")
+    split = m.get("guidance_select_split")
+    require(split is None or split != m.real_split, "metrics.guidance_select_split", split,
+            f"must differ from metrics.real_split={m.real_split!r} (choosing on the reported prompts is selection "
+            "on test), or null for an oracle choice")
+    return scales
+
+
+def _axis_scores(scored: dict[str, float], scale: float, prefix: str) -> dict[str, float]:
+    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in AXIS_METRICS if f"eval/{k}" in scored}
+
+
+def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, splits: list, default_fake: torch.Tensor,
+                  nets, evaluator, data_cfg: dict) -> dict[str, float]:
+    """Scores at every scale of the axis for one seed, on the first k prompts of each split in `splits`
+    (`(prefix, split, dataset, prompts, n_real)`, see `axis_splits`); on the reported split the first k clips
+    already sampled at `metrics.cfg` are reused."""
+    k = int(m.get("guidance_n_samples") or m.n_samples)
+    sub = OmegaConf.create(to_container(m))  # resolved: a detached copy cannot resolve ${cache_dir}
+    out = {}
+    for prefix, split, dataset, prompts, n_real in splits:
+        with open_dict(sub):
+            sub.n_samples, sub.real_split, sub.n_real = k, split, n_real
+        fields = protocol_fields(sub, nets[0], data_cfg, seed)
+        labels, unseen = prompts["labels"][:k], prompts["unseen"][:k]
+        for scale in scales:
+            if prefix == "eval" and scale == float(m.cfg):
+                fake = default_fake[:k]  # the default scale's clips: same prompts, same seed, no second sampling
+            else:
+                fake = take_clips(module.sample_videos(prompts["caption"][:k], steps=int(m.sample_steps),
+                                                       guidance_scale=scale, seed=seed,
+                                                       batch_size=int(m.batch_size)).cpu(), sub)
+            real = lambda: real_batches(dataset, sub, n_real, seed)  # noqa: E731 - read only if not cached
+            scored = evaluate_videos([fake], real, sub, nets, evaluator, fields, labels, unseen)
+            out.update(_axis_scores(scored, scale, prefix))
+    return out
+
+
+def axis_splits(data_cfg: dict, m: DictConfig, dataset, prompts: dict) -> list:
+    """The splits the guidance axis scores: the reported one (`eval/cfg*`) and, with `metrics.guidance_select_split`,
+    the one the report chooses each strategy's best scale on (`eval_<split>/cfg*`; its real statistics use at most
+    `metrics.n_real` clips of that split)."""
+    splits = [("eval", m.real_split, dataset, prompts, int(m.n_real))]
+    split = m.get("guidance_select_split")
+    if split:
+        k = int(m.get("guidance_n_samples") or m.n_samples)
+        select = build_dataset(data_cfg, split, train=False)
+        require(len(select) >= k, "metrics.guidance_select_split", split,
+                f"the {split} split has {len(select)} clips, fewer than metrics.guidance_n_samples={k}")
+        splits.append((f"eval_{split}", split, select, eval_prompts(select, k), min(int(m.n_real), len(select))))
+    return splits
+
+
 def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
     """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol.
 
@@ -332,6 +412,7 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
     batch, so memory does not grow with the clip counts."""
     m = cfg.metrics
     check_metrics_config(cfg)
+    scales = check_guidance_axis(m)
     data_cfg = to_container(cfg.data)
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if data_cfg["name"] == "shapes" else None
     nets = build_feature_networks(to_container(m), evaluator)
@@ -341,7 +422,9 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
             f"the {m.real_split} split has only {len(dataset)} clips")
     prompts = eval_prompts(dataset, n)
     labels, unseen = prompts["labels"], prompts["unseen"]
-    per_seed = []
+    splits = axis_splits(data_cfg, m, dataset, prompts) if scales else []
+    k = int(m.get("guidance_n_samples") or n)
+    per_seed, axis_seconds = [], 0.0
     was_training = module.training
     module.eval()
     t0 = time.time()
@@ -352,10 +435,20 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
                                                 guidance_scale=float(m.cfg), seed=seed + i, batch_size=bs).cpu(), m)
                 for i in range(0, n, bs))
         fields = protocol_fields(m, nets[0], data_cfg, seed)
+        kept = []  # the first k clips at the default scale, reused by the guidance axis
+        if scales:
+            fake = (kept.append(video[: k - sum(map(len, kept))]) or video for video in fake)
         per_seed.append(evaluate_videos(fake, lambda seed=seed: real_batches(dataset, m, int(m.n_real), seed),
                                         m, nets, evaluator, fields, labels, unseen))
+        if scales:
+            t_axis = time.time()
+            per_seed[-1].update(guidance_axis(module, m, scales, seed, splits, torch.cat(kept), nets, evaluator,
+                                              data_cfg))
+            axis_seconds += time.time() - t_axis
     module.train(was_training)
-    metrics = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in per_seed[0]}
+    metrics = {key: sum(r[key] for r in per_seed) / len(per_seed) for key in per_seed[0]}
+    if scales:
+        metrics["time/guidance_axis_seconds"] = axis_seconds
     if len(per_seed) > 1 and "eval/fvd" in per_seed[0]:
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
     if evaluator is not None:
@@ -370,6 +463,10 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
                          "eval.protocol.sample_steps": str(m.sample_steps),
                          "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                          "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
+        if scales:
+            protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
+                             "eval.protocol.guidance_n_samples": str(k),
+                             "eval.protocol.guidance_select_split": str(m.get("guidance_select_split"))})
         for k, v in protocol.items():
             logger.experiment.set_tag(logger.run_id, k, v)
     return metrics
@@ -456,6 +553,7 @@ def main(cfg: DictConfig) -> int:
 
     m = cfg.metrics
     require(m.cfg >= 0, "metrics.cfg", m.cfg, "the guidance scale must be >= 0")
+    check_guidance_axis(m)
     if cfg.real_root or cfg.fake_root:
         require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
                 "give both folders")

@@ -20,6 +20,13 @@ The five strategies of the ablation (DiT, Peebles & Xie 2023, Sec. 3.2; PixArt-a
   adaln_zero       t + pooled text regress per-block shift/scale/gate; zero-initialised (every block = identity)
   adaln            the same without gates or zero init (DiT's "adaLN" variant)
   hybrid           cross-attention for text + adaLN-single for t (PixArt-alpha / Open-Sora)
+and of current text-to-video DiTs, on one joined [text; video] sequence whose text tokens are updated through depth:
+  mmdit            SD3's MM-DiT: per-modality QKV/MLP/modulation, one joint attention
+  double_single    Flux / HunyuanVideo / Open-Sora 2.0: double-stream (MM-DiT) blocks, then single-stream blocks
+  expert_adaln     CogVideoX: shared attention and MLP, separate text/video shift/scale/gate
+
+Two axes: the strategy is how the text enters; its `timestep` option how t enters (`adaln_zero` modulation or a
+`token`), each name's default being its paper's coupling (`ConditioningStrategy.timesteps`).
 """
 
 from __future__ import annotations
@@ -299,23 +306,222 @@ class HybridFinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+# ---- joint text + video sequences (SD3 MM-DiT, Flux, CogVideoX) ----------------------------------------------
+# The text tokens are prepended to the video tokens and updated block by block, like in-context tokens; the block
+# splits x = [text (B, M, D); video (B, N, D)] by M = cond.mask.shape[1]. Every attention runs over the joined
+# sequence with the padded text tokens masked out as keys (queries at padding are computed and never read).
+
+
+class JointCond(NamedTuple):
+    """c (B, D): the modulation vector, already through SiLU; text: the projected text tokens and their mask."""
+
+    c: Tensor
+    text: Context
+
+
+def require_full_attention(spec: BlockSpec, name: str) -> None:
+    if spec.attention != "full":
+        raise ValueError(f"conditioning={name} attends over the joined text + video sequence: it needs "
+                         f"dit.attention=full, got {spec.attention!r}")
+
+
+class QKV(nn.Module):
+    """Fused Linear(D, 3D) -> q, k, v (B, heads, L, D/heads), with an optional per-head q/k norm: RMSNorm (SD3.5,
+    Flux) or LayerNorm (CogVideoX), which keeps attention logits bounded as the model grows."""
+
+    def __init__(self, width: int, heads: int, qk_norm: str | None = None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        head_dim = width // heads
+        norms = {None: nn.Identity, "rms": lambda: nn.RMSNorm(head_dim, eps=1e-6),
+                 "layer": lambda: nn.LayerNorm(head_dim, eps=1e-6)}
+        if qk_norm not in norms:
+            raise ValueError(f"qk_norm must be null, 'rms' or 'layer', got {qk_norm!r}")
+        self.q_norm, self.k_norm = norms[qk_norm](), norms[qk_norm]()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_mask: Tensor) -> Tensor:
+    """SDPA over [text; video] (B, H, M + N, d); text_mask (B, M) True = valid; video keys always valid.
+    Returns (B, M + N, H·d)."""
+    B, H, L, d = q.shape
+    key_mask = F.pad(text_mask, (0, L - text_mask.shape[1]), value=True)[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    return out.transpose(1, 2).reshape(B, L, H * d)
+
+
+class DoubleStreamBlock(nn.Module):
+    """SD3's MM-DiT block (= Flux's double-stream block): text and video keep their own adaLN-Zero modulation,
+    QKV, output projection and MLP; their queries, keys and values are concatenated into one attention, so
+    information flows both ways, and the text stream is updated block by block. Same layout as diffusers'
+    `JointTransformerBlock` / `FluxTransformerBlock` (checked against them in tests/test_parity.py)."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = None):
+        super().__init__()
+        D, hidden = spec.width, int(spec.width * spec.mlp_ratio)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # no parameters: shared by both streams
+        self.modulation, self.context_modulation = nn.Linear(D, 6 * D), nn.Linear(D, 6 * D)
+        self.attn, self.context_attn = QKV(D, spec.heads, qk_norm), QKV(D, spec.heads, qk_norm)
+        self.proj, self.context_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.mlp, self.context_mlp = Mlp(D, hidden, D), Mlp(D, hidden, D)
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        M = cond.text.mask.shape[1]
+        txt, vid = x[:, :M], x[:, M:]
+        v1, v_scale1, v_gate1, v2, v_scale2, v_gate2 = self.modulation(cond.c).unsqueeze(1).chunk(6, dim=-1)
+        t1, t_scale1, t_gate1, t2, t_scale2, t_gate2 = self.context_modulation(cond.c).unsqueeze(1).chunk(6, dim=-1)
+        qt, kt, vt = self.context_attn(modulate(self.norm(txt), t1, t_scale1))
+        qv, kv, vv = self.attn(modulate(self.norm(vid), v1, v_scale1))
+        out = joint_attention(torch.cat([qt, qv], 2), torch.cat([kt, kv], 2), torch.cat([vt, vv], 2), cond.text.mask)
+        vid = vid + v_gate1 * self.proj(out[:, M:])
+        txt = txt + t_gate1 * self.context_proj(out[:, :M])
+        vid = vid + v_gate2 * self.mlp(modulate(self.norm(vid), v2, v_scale2))
+        txt = txt + t_gate2 * self.context_mlp(modulate(self.norm(txt), t2, t_scale2))
+        return torch.cat([txt, vid], dim=1)
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux's single-stream block: one set of weights for the joined [text; video] sequence; attention and MLP
+    run in parallel from one adaLN-Zero-modulated norm, and one Linear maps [attention out; MLP hidden] back to D
+    (as diffusers' `FluxSingleTransformerBlock`; the attention has no output projection of its own)."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = "rms"):
+        super().__init__()
+        D, hidden = spec.width, int(spec.width * spec.mlp_ratio)
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(D, 3 * D)
+        self.attn = QKV(D, spec.heads, qk_norm)
+        self.mlp_in = nn.Linear(D, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(D + hidden, D)
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        shift, scale, gate = self.modulation(cond.c).unsqueeze(1).chunk(3, dim=-1)
+        h = modulate(self.norm(x), shift, scale)
+        attn = joint_attention(*self.attn(h), cond.text.mask)
+        return x + gate * self.proj(torch.cat([attn, self.act(self.mlp_in(h))], dim=-1))
+
+
+class ExpertAdaLNBlock(nn.Module):
+    """CogVideoX's block: the joined [text; video] sequence goes through one attention and one MLP with shared
+    weights; each of the two norms is followed by "expert" modulation - separate shift/scale/gate for the text and
+    for the video tokens, regressed from c. LayerNorms are affine (eps 1e-5) and q/k are LayerNorm-ed, as in
+    diffusers' `CogVideoXBlock` / `CogVideoXLayerNormZero`."""
+
+    def __init__(self, spec: BlockSpec, qk_norm: str | None = "layer"):
+        super().__init__()
+        D = spec.width
+        self.norm1, self.norm2 = nn.LayerNorm(D, eps=1e-5), nn.LayerNorm(D, eps=1e-5)
+        self.modulation1, self.modulation2 = nn.Linear(D, 6 * D), nn.Linear(D, 6 * D)
+        self.attn = QKV(D, spec.heads, qk_norm)
+        self.proj = nn.Linear(D, D)
+        self.mlp = Mlp(D, int(D * spec.mlp_ratio), D)
+
+    @staticmethod
+    def expert_modulate(x: Tensor, M: int, mod: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, M + N, D) normalised; mod (B, 1, 6D) = video (shift, scale, gate), text (shift, scale, gate)."""
+        shift, scale, gate, t_shift, t_scale, t_gate = mod.chunk(6, dim=-1)
+        h = torch.cat([modulate(x[:, :M], t_shift, t_scale), modulate(x[:, M:], shift, scale)], dim=1)
+        gates = torch.cat([t_gate.expand(-1, M, -1), gate.expand(-1, x.shape[1] - M, -1)], dim=1)
+        return h, gates
+
+    def forward(self, x: Tensor, cond: JointCond) -> Tensor:
+        M = cond.text.mask.shape[1]
+        h, gate = self.expert_modulate(self.norm1(x), M, self.modulation1(cond.c).unsqueeze(1))
+        x = x + gate * self.proj(joint_attention(*self.attn(h), cond.text.mask))
+        h, gate = self.expert_modulate(self.norm2(x), M, self.modulation2(cond.c).unsqueeze(1))
+        return x + gate * self.mlp(h)
+
+
+# ---- the timestep pathway held equal ---------------------------------------------------------------------------
+
+
+class ModulatedCond(NamedTuple):
+    """c (B, D) after SiLU for the modulation; text: the projected text tokens for cross-attention (or None);
+    prefix: condition tokens in the sequence (in-context text, or the timestep token), or None."""
+
+    c: Tensor
+    text: Context | None
+    prefix: Context | None
+
+
+class ModulatedBlock(nn.Module):
+    """A DiT block whose norms are modulated by c (adaLN; gated = adaLN-Zero) while the text enters by its own
+    pathway: as prefix tokens in the sequence (in-context; padding masked), or by cross-attention after the
+    self-attention (pre-norm, DiT's cross-attention block). With c = SiLU(t_emb) this is how the existing text
+    pathways see the timestep through adaLN-Zero, exactly as adaln_zero does, so only the text pathway differs."""
+
+    def __init__(self, spec: BlockSpec, gated: bool = True, cross_attention: bool = False):
+        super().__init__()
+        self.gated = gated
+        self.norm1 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
+        self.attn = self_attention_layers(spec)
+        self.cross_norm = nn.LayerNorm(spec.width, eps=1e-6) if cross_attention else None
+        self.cross_attn = CrossAttention(spec.width, spec.heads) if cross_attention else None
+        self.norm2 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(spec.width, int(spec.width * spec.mlp_ratio), spec.width)
+        self.modulation = nn.Linear(spec.width, (6 if gated else 4) * spec.width)
+
+    def forward(self, x: Tensor, cond: ModulatedCond) -> Tensor:
+        mod = self.modulation(cond.c).unsqueeze(1).chunk(6 if self.gated else 4, dim=-1)
+        if self.gated:
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        else:
+            (shift1, scale1, shift2, scale2), gate1, gate2 = mod, 1.0, 1.0
+        prefix_mask = None if cond.prefix is None else cond.prefix.mask
+        for attn in self.attn:
+            x = x + gate1 * attn(modulate(self.norm1(x), shift1, scale1), prefix_mask)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), cond.text.tokens, cond.text.mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class ModulatedFinalLayer(AdaLNFinalLayer):
+    """DiT's adaLN final layer, reading c from a `ModulatedCond` or `JointCond`."""
+
+    def forward(self, x: Tensor, cond) -> Tensor:
+        return super().forward(x, cond.c)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The interface and the registry
 # --------------------------------------------------------------------------------------------------------------
 
 
 class ConditioningStrategy(nn.Module):
-    """Base class; a strategy's own parameters (text projections, ...) live in it. See the module docstring."""
+    """Base class; a strategy's own parameters (text projections, ...) live in it. See the module docstring.
+
+    `timesteps`: how the timestep may enter with this text pathway, the first being the strategy's own (its
+    paper's coupling, what its name has always meant); `check_timestep` turns any other into a one-line error."""
+
+    timesteps: tuple[str, ...] = ()
 
     def __init__(self, spec: BlockSpec):
         super().__init__()
         self.spec = spec
+
+    def check_timestep(self, timestep: str | None) -> str:
+        timestep = timestep or self.timesteps[0]
+        if timestep not in self.timesteps:
+            raise ValueError(f"conditioning.timestep={timestep!r} is not available for {type(self).__name__}; "
+                             f"choose one of {list(self.timesteps)}")
+        return timestep
 
     def forward(self, t_emb: Tensor, text: TextEmbedding):
         raise NotImplementedError
 
     def block(self) -> nn.Module:
         raise NotImplementedError
+
+    def blocks(self, depth: int) -> nn.ModuleList:
+        """The backbone's `depth` blocks; a strategy whose blocks differ with depth (Flux: double-stream, then
+        single-stream) overrides this instead of `block`."""
+        return nn.ModuleList(self.block() for _ in range(depth))
 
     def final_layer(self, out_dim: int) -> nn.Module:
         raise NotImplementedError
@@ -352,6 +558,15 @@ def build_strategy(name: str, spec: BlockSpec, text_dim: int, **options) -> Cond
     return STRATEGIES[name](spec, text_dim, **options)
 
 
+def strategy_label(name: str, timestep: str | None = None) -> str:
+    """What a run is called in reports: the strategy's name, plus `+t=<timestep>` when the timestep does not enter
+    the strategy's own way (so `in_context` still means DiT's in-context, `in_context+t=adaln_zero` the variant)."""
+    cls = STRATEGIES.get(name)
+    if timestep is None or cls is None or not cls.timesteps or timestep == cls.timesteps[0]:
+        return name
+    return f"{name}+t={timestep}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The strategies
 # --------------------------------------------------------------------------------------------------------------
@@ -362,26 +577,44 @@ class InContext(ConditioningStrategy):
     """DiT's in-context conditioning: the timestep token and the projected text tokens are prepended to the
     video tokens and processed like them by plain pre-norm blocks (padded text tokens are never attended to);
     they are dropped before the final layer. With factorised attention they join every frame's spatial
-    attention and skip the temporal one (see `SelfAttention`)."""
+    attention and skip the temporal one (see `SelfAttention`).
 
-    def __init__(self, spec: BlockSpec, text_dim: int):
+    timestep: "token" (DiT: t is the first prepended token) or "adaln_zero" (the text tokens alone are prepended;
+    t modulates every block and the final layer through adaLN-Zero, exactly as in adaln_zero)."""
+
+    timesteps = ("token", "adaln_zero")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Context:
-        return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "token":
+            return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+        tokens = Context(self.text_proj(text.tokens), text.mask)
+        return ModulatedCond(F.silu(t_emb), None, tokens)
 
     def block(self) -> nn.Module:
-        return PlainBlock(self.spec)
+        return PlainBlock(self.spec) if self.timestep == "token" else ModulatedBlock(self.spec)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return FinalLayer(self.spec.width, out_dim)
+        return FinalLayer(self.spec.width, out_dim) if self.timestep == "token" else ModulatedFinalLayer(
+            self.spec.width, out_dim)
 
-    def prepend_tokens(self, x: Tensor, cond: Context) -> Tensor:
-        return torch.cat([cond.tokens, x], dim=1)
+    def prefix(self, cond) -> Context:
+        return cond if self.timestep == "token" else cond.prefix
 
-    def drop_tokens(self, x: Tensor, cond: Context) -> Tensor:
-        return x[:, cond.tokens.shape[1] :]
+    def prepend_tokens(self, x: Tensor, cond) -> Tensor:
+        return torch.cat([self.prefix(cond).tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond) -> Tensor:
+        return x[:, self.prefix(cond).tokens.shape[1] :]
+
+    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+        super().initialize(blocks, final_layer)
+        if self.timestep == "adaln_zero":
+            zero_modulations(blocks, final_layer)
 
 
 @register("cross_attention")
@@ -389,48 +622,77 @@ class CrossAttentionConditioning(ConditioningStrategy):
     """DiT's cross-attention variant with text tokens in place of the class: after self-attention every block
     cross-attends to [t; projected text tokens]; the timestep is not injected anywhere else.
 
+    timestep: "token" (DiT: t is one of the attended tokens) or "adaln_zero" (the blocks cross-attend to the text
+    tokens alone; t modulates every block and the final layer through adaLN-Zero, as in adaln_zero).
     zero_init_cross_attn: DiT's description has no zero init (default, so the ablation re-implements DiT);
     True starts every cross-attention as a no-op, as PixArt does - offered as an option to ablate.
     """
 
-    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = False):
+    timesteps = ("token", "adaln_zero")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = False, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.zero_init_cross_attn = zero_init_cross_attn
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Context:
-        return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "token":
+            return timestep_and_text_tokens(t_emb, self.text_proj(text.tokens), text.mask)
+        return ModulatedCond(F.silu(t_emb), Context(self.text_proj(text.tokens), text.mask), None)
 
     def block(self) -> nn.Module:
-        return CrossAttentionBlock(self.spec)
+        if self.timestep == "token":
+            return CrossAttentionBlock(self.spec)
+        return ModulatedBlock(self.spec, cross_attention=True)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return FinalLayer(self.spec.width, out_dim)
+        return FinalLayer(self.spec.width, out_dim) if self.timestep == "token" else ModulatedFinalLayer(
+            self.spec.width, out_dim)
 
     def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
         super().initialize(blocks, final_layer)
+        if self.timestep == "adaln_zero":
+            zero_modulations(blocks, final_layer)
         if self.zero_init_cross_attn:
             for block in blocks:
                 zero_(block.cross_attn.proj)
 
 
 class _AdaLN(ConditioningStrategy):
-    """c = SiLU(t_emb + MLP(pooled text)), computed once and shared by all blocks and the final layer."""
+    """c = SiLU(t_emb + MLP(pooled text)), computed once and shared by all blocks and the final layer.
+
+    timestep: "adaln_zero" (DiT: t is added to the pooled text in c) or "token" (c = SiLU(MLP(pooled text))
+    only; t enters as one token prepended to the video tokens, dropped before the final layer)."""
 
     gated: bool
+    timesteps = ("adaln_zero", "token")
 
-    def __init__(self, spec: BlockSpec, text_dim: int):
+    def __init__(self, spec: BlockSpec, text_dim: int, timestep: str | None = None):
         super().__init__(spec)
+        self.timestep = self.check_timestep(timestep)
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
 
-    def forward(self, t_emb: Tensor, text: TextEmbedding) -> Tensor:
-        return F.silu(t_emb + self.text_proj(text.pooled))
+    def forward(self, t_emb: Tensor, text: TextEmbedding):
+        if self.timestep == "adaln_zero":
+            return F.silu(t_emb + self.text_proj(text.pooled))
+        t_token = Context(t_emb.unsqueeze(1), torch.ones(len(t_emb), 1, dtype=torch.bool, device=t_emb.device))
+        return ModulatedCond(F.silu(self.text_proj(text.pooled)), None, t_token)
 
     def block(self) -> nn.Module:
-        return AdaLNBlock(self.spec, gated=self.gated)
+        if self.timestep == "adaln_zero":
+            return AdaLNBlock(self.spec, gated=self.gated)
+        return ModulatedBlock(self.spec, gated=self.gated)
 
     def final_layer(self, out_dim: int) -> nn.Module:
-        return AdaLNFinalLayer(self.spec.width, out_dim)
+        cls = AdaLNFinalLayer if self.timestep == "adaln_zero" else ModulatedFinalLayer
+        return cls(self.spec.width, out_dim)
+
+    def prepend_tokens(self, x: Tensor, cond) -> Tensor:
+        return x if self.timestep == "adaln_zero" else torch.cat([cond.prefix.tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond) -> Tensor:
+        return x if self.timestep == "adaln_zero" else x[:, 1:]
 
 
 @register("adaln_zero")
@@ -443,19 +705,17 @@ class AdaLNZero(_AdaLN):
 
     def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
         super().initialize(blocks, final_layer)
-        for block in blocks:
-            zero_(block.modulation)
-        zero_(final_layer.modulation)
+        zero_modulations(blocks, final_layer)
 
 
 @register("adaln")
 class AdaLN(_AdaLN):
-    """DiT's adaLN variant: shift/scale regressed from c, no gates, and no zero initialisation anywhere."""
+    """DiT's adaLN variant: shift/scale regressed from c, no gates; the block modulations keep the generic xavier
+    init. The final linear is zero-initialised like every strategy's (DiT's `initialize_weights` does it for all
+    its variants), so adaLN starts predicting 0 like the others: a random output layer would be a handicap that
+    has nothing to do with how the condition enters."""
 
     gated = False
-
-    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
-        pass  # keep the generic xavier init, the final linear included
 
 
 @register("hybrid")
@@ -463,10 +723,14 @@ class Hybrid(ConditioningStrategy):
     """PixArt-alpha / Open-Sora: text by cross-attention, timestep by adaLN-single - one shared
     SiLU -> Linear(D, 6D) of t_emb for all blocks, plus a learned (6, D) table per block. As PixArt: the shared
     t projection is normal(0.02)-initialised, the cross-attention output projections and the final linear are
-    zero (zero_init_cross_attn), so text enters gradually."""
+    zero (zero_init_cross_attn), so text enters gradually. Its text pathway is cross_attention's; with
+    `cross_attention` + `timestep=adaln_zero` the two differ only in how t enters (adaLN-single vs adaLN-Zero)."""
 
-    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = True):
+    timesteps = ("adaln_single",)
+
+    def __init__(self, spec: BlockSpec, text_dim: int, zero_init_cross_attn: bool = True, timestep: str | None = None):
         super().__init__(spec)
+        self.check_timestep(timestep)
         self.zero_init_cross_attn = zero_init_cross_attn
         self.text_proj = Mlp(text_dim, spec.width, spec.width)
         self.t_block = nn.Linear(spec.width, 6 * spec.width)
@@ -487,3 +751,98 @@ class Hybrid(ConditioningStrategy):
         if self.zero_init_cross_attn:
             for block in blocks:
                 zero_(block.cross_attn.proj)
+
+
+def zero_modulations(blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+    """adaLN-Zero: every Linear named *modulation* (blocks and final layer) starts at 0 - gates closed, blocks the
+    identity, shift/scale 0."""
+    for module in [*blocks.modules(), final_layer]:
+        for name, child in module.named_children():
+            if "modulation" in name and isinstance(child, nn.Linear):
+                zero_(child)
+
+
+class _JointSequence(ConditioningStrategy):
+    """Shared by the joint-sequence strategies: the projected text tokens are prepended to the video tokens and
+    dropped before the final layer (as in-context), and c = SiLU(t_emb [+ MLP(pooled text)]) drives every block's
+    modulation and DiT's adaLN final layer. Every modulation Linear and the final layer are zero-initialised
+    (adaLN-Zero: each block starts as the identity for both streams, the output at exactly 0).
+
+    timestep: "adaln_zero" (SD3, Flux, CogVideoX: t in c) or "token" (t is one more, always valid, token in front
+    of the text stream; c = SiLU(MLP(pooled text)), or 0 without pooled text - the modulations then learn
+    constant shift/scale/gate through their biases, as adaLN-single's table)."""
+
+    timesteps = ("adaln_zero", "token")
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool, qk_norm: str | None, timestep: str | None):
+        super().__init__(spec)
+        require_full_attention(spec, type(self).__name__)
+        self.timestep = self.check_timestep(timestep)
+        self.qk_norm = qk_norm
+        self.text_proj = Mlp(text_dim, spec.width, spec.width)
+        self.pooled_proj = Mlp(text_dim, spec.width, spec.width) if pooled_text else None
+
+    def forward(self, t_emb: Tensor, text: TextEmbedding) -> JointCond:
+        tokens = Context(self.text_proj(text.tokens), text.mask)
+        pooled = 0.0 if self.pooled_proj is None else self.pooled_proj(text.pooled)
+        if self.timestep == "adaln_zero":
+            return JointCond(F.silu(t_emb + pooled), tokens)
+        c = F.silu(pooled + torch.zeros_like(t_emb))
+        return JointCond(c, timestep_and_text_tokens(t_emb, tokens.tokens, tokens.mask))
+
+    def final_layer(self, out_dim: int) -> nn.Module:
+        return ModulatedFinalLayer(self.spec.width, out_dim)
+
+    def prepend_tokens(self, x: Tensor, cond: JointCond) -> Tensor:
+        return torch.cat([cond.text.tokens, x], dim=1)
+
+    def drop_tokens(self, x: Tensor, cond: JointCond) -> Tensor:
+        return x[:, cond.text.tokens.shape[1] :]
+
+    def initialize(self, blocks: nn.ModuleList, final_layer: nn.Module) -> None:
+        super().initialize(blocks, final_layer)
+        zero_modulations(blocks, final_layer)
+
+
+@register("mmdit")
+class MMDiT(_JointSequence):
+    """SD3's MM-DiT (Esser et al. 2024): every block is a double-stream `DoubleStreamBlock`; t + pooled text
+    modulate both streams (SD3: t + pooled CLIP). qk_norm: null as SD3, 'rms' as SD3.5."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = True, qk_norm: str | None = None,
+                 timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
+
+    def block(self) -> nn.Module:
+        return DoubleStreamBlock(self.spec, self.qk_norm)
+
+
+@register("double_single")
+class DoubleSingle(_JointSequence):
+    """Flux / HunyuanVideo / Open-Sora 2.0: `double_blocks` double-stream blocks, then single-stream blocks over
+    the joined sequence for the rest of the depth (Flux: 19 + 38; default round(depth / 3), at least 1)."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, double_blocks: int | None = None, pooled_text: bool = True,
+                 qk_norm: str | None = "rms", timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
+        self.double_blocks = double_blocks
+
+    def blocks(self, depth: int) -> nn.ModuleList:
+        n = max(1, round(depth / 3)) if self.double_blocks is None else int(self.double_blocks)
+        if not 0 <= n <= depth:
+            raise ValueError(f"conditioning.double_blocks={n} must be between 0 and dit.depth={depth}")
+        return nn.ModuleList([DoubleStreamBlock(self.spec, self.qk_norm) for _ in range(n)]
+                             + [SingleStreamBlock(self.spec, self.qk_norm) for _ in range(depth - n)])
+
+
+@register("expert_adaln")
+class ExpertAdaLN(_JointSequence):
+    """CogVideoX's expert adaLN (Yang et al. 2024): one joined sequence, shared attention and MLP weights,
+    separate shift/scale/gate for text and video tokens. CogVideoX modulates with t alone (pooled_text false)."""
+
+    def __init__(self, spec: BlockSpec, text_dim: int, pooled_text: bool = False, qk_norm: str | None = "layer",
+                 timestep: str | None = None):
+        super().__init__(spec, text_dim, pooled_text, qk_norm, timestep)
+
+    def block(self) -> nn.Module:
+        return ExpertAdaLNBlock(self.spec, self.qk_norm)

@@ -136,7 +136,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(width, timestep_scale)
         spec = BlockSpec(width, heads, mlp_ratio, attention, frames=grid[0], positions=grid[1] * grid[2])
         self.conditioning = build_strategy(conditioning, spec, text_dim, **conditioning_kwargs)
-        self.blocks = nn.ModuleList(self.conditioning.block() for _ in range(depth))
+        self.blocks = self.conditioning.blocks(depth)
         self.final_layer = self.conditioning.final_layer(patch_dim)
         self.null_tokens = nn.Parameter(torch.randn(1, text_dim) * 0.02)
         self.null_pooled = nn.Parameter(torch.randn(text_dim) * 0.02)
@@ -204,3 +204,17 @@ def forward_flops(model: DiT, batch_size: int = 1, text_len: int | None = None) 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, text)
     return counter.get_total_flops() / batch_size / 1e9
+
+
+def caption_flops(model: DiT, text_lengths) -> float:
+    """Forward GFLOPs per clip at the data's real caption lengths: the mean over captions of `forward_flops` at each
+    caption's own token count (`text_lengths`, e.g. `TextEmbedding.mask.sum(1)` over a split). This is the one
+    figure the training log (`model/gflops`), the FLOP budget (`budget=flops`), the report and benchmarks/ use:
+    counting at `max_text_len` would charge in-context and cross-attention for padding tokens a caption does not
+    have. Lengths above `max_text_len` are clipped to it (the encoder truncates them)."""
+    lengths = torch.as_tensor(list(text_lengths)).long().clamp(1, model.max_text_len)
+    if lengths.numel() == 0:
+        raise ValueError("caption_flops needs at least one caption length")
+    values, counts = lengths.unique(return_counts=True)  # a few distinct lengths: one count each
+    total = sum(int(c) * forward_flops(model, text_len=int(v)) for v, c in zip(values, counts))
+    return total / lengths.numel()

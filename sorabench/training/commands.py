@@ -214,8 +214,13 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.sample.guidance_scale >= 0, "sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 0")
     require(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "must be >= 1")
     require(isinstance(cfg.compile, bool), "compile", cfg.compile, "must be true or false")
+    require(cfg.get("budget", "steps") in ("steps", "flops"), "budget", cfg.get("budget"), "must be steps or flops")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
+    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+        from sorabench.metrics.evaluate import check_guidance_axis
+
+        check_guidance_axis(cfg.metrics)
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri)
     if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
@@ -294,7 +299,16 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
     module.attach_vae(vae)
     module.precompute_text([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
-    logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": cfg.conditioning.name},
+    if cfg.budget == "flops":  # equal training FLOPs: max_steps scaled by forward GFLOPs at real caption lengths
+        from sorabench.training.dit_module import flops_budget_steps
+
+        with open_dict(cfg):
+            cfg.trainer.max_steps = flops_budget_steps(module, train_cache["captions"], cfg.budget_reference,
+                                                       int(cfg.trainer.max_steps))
+    from sorabench.models.conditioning import strategy_label
+
+    label = strategy_label(cfg.conditioning.name, cfg.conditioning.get("timestep"))
+    logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": label},
                          parent_run_id=parent_run_id)
     trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")
     t0 = time.time()

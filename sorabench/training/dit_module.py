@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from sorabench.diffusion import build_diffusion
-from sorabench.models.dit import DiT, forward_flops
+from sorabench.models.dit import DiT, caption_flops, forward_flops
 from sorabench.models.text import TextEmbedding, build_text_encoder
 
 _FROZEN_TEXT_ENCODERS: dict[tuple, torch.nn.Module] = {}
@@ -45,6 +45,27 @@ def build_optimizer(params: list[torch.nn.Parameter], optim: dict) -> torch.opti
         weight_decay=optim.get("weight_decay", 0.0),
         fused=bool(optim.get("fused", True)),
     )
+
+
+def flops_budget_steps(module: "DiTModule", captions: list[str], reference: str, steps: int) -> int:
+    """`budget=flops`: the step count that gives `module` the training FLOPs of the `reference` strategy (same
+    backbone, same batch) at `steps` steps. Both are counted by `caption_flops` at the training split's real caption
+    lengths; a step costs ~3 forwards for every strategy, so the ratio of forward GFLOPs is the ratio of step
+    costs. A strategy twice as expensive per step gets half the steps."""
+    from sorabench.config import CONF_DIR, to_container
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "conditioning" / f"{reference}.yaml"
+    if not path.is_file():
+        raise ValueError(f"budget_reference={reference!r}: no conf/conditioning/{reference}.yaml")
+    options = to_container(OmegaConf.load(path))
+    options.pop("name", None)
+    model = module.model
+    h = module.hparams
+    ref = DiT(model.latent_shape, conditioning=reference, text_dim=model.text_dim, max_text_len=model.max_text_len,
+              timestep_scale=module.diffusion.timestep_scale, **h.dit, **options)
+    lengths = module.text_lengths(captions)
+    return max(1, round(steps * caption_flops(ref, lengths) / caption_flops(model, lengths)))
 
 
 class DiTModule(L.LightningModule):
@@ -127,10 +148,28 @@ class DiTModule(L.LightningModule):
         loss = self.diffusion.training_loss(self.model, batch["latent"], text, generator=g)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["caption"]))
 
+    def text_lengths(self, captions: list[str]) -> torch.Tensor:
+        """Valid text tokens per caption, as the DiT sees them."""
+        if self.learned_text is not None:
+            return self.learned_text.tokenize(list(captions))[1].sum(1)
+        return torch.cat([self.encode_text(captions[i : i + 1024]).mask.sum(1).cpu()
+                          for i in range(0, len(captions), 1024)])
+
+    def gflops(self, captions: list[str] | None = None) -> float:
+        """Forward GFLOPs per clip at the real caption lengths of `captions` (the training split), else at
+        max_text_len (`sorabench.models.dit.caption_flops`)."""
+        if not captions:
+            return forward_flops(self.model)
+        return caption_flops(self.model, self.text_lengths(captions))
+
     def on_fit_start(self):
         if self.logger is not None and self.global_step == 0:
+            train_set = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+            captions = list(train_set.cache["captions"]) if train_set is not None else None
+            lengths = self.text_lengths(captions).float().mean().item() if captions else float(self.model.max_text_len)
             self.logger.log_metrics(
-                {"model/params": float(self.model.num_parameters()), "model/gflops": forward_flops(self.model)}, step=0
+                {"model/params": float(self.model.num_parameters()), "model/gflops": self.gflops(captions),
+                 "model/text_len_mean": lengths}, step=0
             )
         if self.hparams.compile:
             # torch.compile of the backbone, in place (state_dict keys unchanged, so checkpoints stay portable).
