@@ -49,14 +49,14 @@ def test_kid_subset_size_is_honoured(tmp_path, monkeypatch):
     classifier = VideoAttributeClassifier({"colour": 6, "shape": 3}, width=4, feature_dim=8)
     nets = (EvaluatorFeatures(classifier), EvaluatorFeatures(classifier, per_frame=True))
     g = torch.Generator().manual_seed(0)
-    real = {"video": torch.rand(6, 3, 4, 16, 16, generator=g) * 2 - 1}
+    real = [torch.rand(6, 3, 4, 16, 16, generator=g) * 2 - 1]
     fake = torch.rand(6, 3, 4, 16, 16, generator=g) * 2 - 1
     fields = {"feature_net": "x", "feature_sha256": "y", "n_real": 6, "n_generated": 6, "num_frames": 4,
-              "frame_stride": 1, "resolution": 16, "real_split": "t", "seed": 0}
+              "frame_stride": 1, "clip_start": "first", "resolution": 16, "real_split": "t", "seed": 0}
     for size, expected in ((10, 10), (1000, 24)):  # 6 clips x 4 frames = 24 frames cap it
-        m = OmegaConf.create({"n_real": 6, "batch_size": 6, "num_frames": 4, "frame_stride": 1, "kid_subsets": 3,
+        m = OmegaConf.create({"n_real": 6, "n_samples": 6, "batch_size": 6, "num_frames": 4, "frame_stride": 1, "kid_subsets": 3,
                               "kid_subset_size": size, "stats_cache_dir": str(tmp_path / str(size))})
-        out = evaluate_videos(fake, real, m, nets, None, fields, None, None)
+        out = evaluate_videos([fake], real, m, nets, None, fields, None, None)
         assert sizes[-1] == expected and out["eval/kid"] == out["eval/kid"]
 
 

@@ -231,7 +231,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
     frame_metrics = []
     if frame_net is not None:
         frame_metrics = [frame_fid(frame_net),
-                         frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets))]
+                         frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets),
+                                   max_subset_size=int(m.get("kid_subset_size", 1000)))]
 
     if need_real_fvd or frame_metrics:
         seen = 0
