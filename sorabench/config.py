@@ -15,7 +15,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Inside the package, so an installed wheel finds its configs (in a checkout, sorabench/conf links to conf/).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(p), replace=True)
 
