@@ -53,3 +53,76 @@ def test_schema_accepts_what_the_defaults_allow():
     assert cfg.optim.lr == 1 and cfg.dit.width != 32
     with pytest.raises(ConfigError, match="n=.*must be an integer"):
         compose_config("sample", ["ckpt=x", "n=two"], command="sample")
+
+
+# ---- a trained tiny DiT, shared by the checkpoint tests --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from sorabench.training.commands import train
+    from tests.conftest import TINY
+
+    outputs = tmp_path_factory.mktemp("trained") / "outputs"
+    cfg = compose_config("train", [f"outputs={outputs}", *TINY, "name=t", "evaluate.enabled=false",
+                                   "mlflow.enabled=false"], command="train")
+    train(cfg)
+    return outputs, Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+# ---- case 1: a DiT checkpoint works alone, from any directory, with its VAE's identity checked ----------------
+
+
+def test_dit_checkpoint_samples_alone_from_another_directory(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    outputs, ckpt = trained
+    moved = tmp_path / "other_machine" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    vae_runs = outputs / "train_vae"
+    hidden = outputs.parent / "vae_elsewhere"
+    vae_runs.rename(hidden)  # the VAE checkpoint the DiT was trained with is gone
+    try:
+        monkeypatch.chdir(moved.parent)
+        out = tmp_path / "samples"
+        assert main(["sample", f"ckpt={moved}", "n=1", "steps=2", f"out={out}", f"outputs={tmp_path}"]) == 0
+        assert (out / "sample_00.mp4").stat().st_size > 0
+        # The embedded VAE is checked against its SHA-256: an edited one is refused, naming the file.
+        c = torch.load(moved, weights_only=True)
+        name = next(iter(c["sorabench_vae"]["state_dict"]))
+        c["sorabench_vae"]["state_dict"][name] = c["sorabench_vae"]["state_dict"][name] + 1
+        torch.save(c, moved)
+        assert main(["sample", f"ckpt={moved}", "n=1", "steps=2", f"out={out}", f"outputs={tmp_path}"]) == 2
+        err = one_line_error(capsys)
+        assert str(moved) in err and "SHA-256" in err
+    finally:
+        hidden.rename(vae_runs)
+
+
+# ---- case 3: a truncated checkpoint is one line naming the file ------------------------------------------------
+
+
+def test_truncated_checkpoint_is_one_line_naming_the_file(trained, tmp_path, capsys):
+    _, ckpt = trained
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])
+    assert main(["sample", f"ckpt={cut}", "n=1", "steps=2", f"out={tmp_path}", f"outputs={tmp_path}"]) == 2
+    err = one_line_error(capsys)
+    assert str(cut) in err and "truncated or corrupt" in err
+
+
+# ---- case 4: no silent surprises in sampling -------------------------------------------------------------------
+
+
+def test_empty_prompt_is_an_error_and_a_long_one_a_warning(trained, tmp_path, capsys):
+    _, ckpt = trained
+    base = [f"ckpt={ckpt}", "n=1", "steps=2", f"out={tmp_path}", f"outputs={tmp_path}"]
+    assert main(["sample", *base, "prompt="]) == 2
+    assert "prompt=''" in one_line_error(capsys)
+    long_prompt = " ".join(["a red circle moving left"] * 40)
+    assert main(["sample", *base, f"prompt={long_prompt}"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: prompt" in err and "text_encoder.max_length" in err
+    assert main(["sample", *base, "prompt=a red circle moving left"]) == 0
+    assert "warning" not in capsys.readouterr().err
