@@ -126,3 +126,61 @@ def test_empty_prompt_is_an_error_and_a_long_one_a_warning(trained, tmp_path, ca
     assert "warning: prompt" in err and "text_encoder.max_length" in err
     assert main(["sample", *base, "prompt=a red circle moving left"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# ---- cases 4 and 8: the progress bar counts steps, and nothing it does ends a run ------------------------------
+
+
+def test_progress_bar_counts_steps_and_cannot_end_a_run(tiny_overrides, capsys, monkeypatch):
+    from sorabench.training.commands import train
+    from sorabench.training.trainer import StepProgressBar
+
+    overrides = [*tiny_overrides, "evaluate.enabled=false", "mlflow.enabled=false", "trainer.progress_bar=true"]
+    train(compose_config("train", [*overrides, "name=bar"], command="train"))
+    out = capsys.readouterr().out  # Lightning's tqdm bars write to stdout
+    assert "step" in out and "6/6" in out and "/-" not in out, out[-2000:]
+
+    def broken(self, *args, **kwargs):
+        raise IndexError("pop from empty list")  # what Rich's live display raised in teardown
+
+    monkeypatch.setattr(StepProgressBar, "on_train_end", broken)
+    monkeypatch.setattr(StepProgressBar, "teardown", broken)
+    result = train(compose_config("train", [*overrides, "name=broken_bar"], command="train"))
+    assert Path(result["ckpt"]).is_file() and "progress bar failed (IndexError" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resumed_run_reports_exactly_what_an_uninterrupted_run_reports(tiny_overrides, monkeypatch):
+    """A run that crashed after its last step (as the Rich bar made one do) and is resumed evaluates the same (EMA)
+    weights as a run that did not crash; the periodic evaluation at that step evaluates them too."""
+    import lightning as L
+
+    import sorabench.metrics.evaluate as ev
+    from sorabench.training.commands import train
+
+    calls = []
+    original = ev.evaluate_module
+
+    def recording(module, cfg, logger=None, step=0):
+        metrics = original(module, cfg, logger, step)
+        calls.append((cfg.name, step, {k: v for k, v in metrics.items() if k == "eval/fvd" or "acc_" in k}))
+        return metrics
+
+    monkeypatch.setattr(ev, "evaluate_module", recording)
+
+    class CrashAfterLastStep(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            raise RuntimeError("simulated crash after the last step")
+
+    base = [*tiny_overrides, "mlflow.enabled=false", "evaluate.every_n_steps=6"]
+    train(compose_config("train", [*base, "name=straight"], command="train"))
+    crashed = compose_config("train", [*base, "name=crashed"], command="train")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashed, callbacks=[CrashAfterLastStep()])
+    train(crashed)  # the rerun resumes at max_steps: nothing left to train, only the final evaluation
+    by = {(name, step, i): m for i, (name, step, m) in enumerate(calls)}
+    straight = [m for (name, step, _), m in by.items() if name == "straight"]
+    crashed_runs = [m for (name, step, _), m in by.items() if name == "crashed"]
+    assert len(straight) == 2 and len(crashed_runs) == 2, calls  # periodic at step 6 + final, each
+    assert straight[0] == straight[1]  # periodic and final evaluation at the same step: the same EMA weights
+    assert crashed_runs[-1] == straight[-1]  # the resumed run reports what the uninterrupted one reports

@@ -291,12 +291,12 @@ def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
     callbacks = [TagCheckpointKind("dit")]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
         callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))  # before EMA: see its docstring
-    if cfg.ema.enabled:
-        callbacks.append(EMA(decay=cfg.ema.decay, start_step=cfg.ema.start_step))
-    if cfg.evaluate.every_n_steps:
+    if cfg.evaluate.every_n_steps:  # before EMA, like LogSampleVideos: it evaluates the EMA weights
         from sorabench.metrics.evaluate import EvaluateCallback
 
         callbacks.append(EvaluateCallback(cfg, every_n_steps=cfg.evaluate.every_n_steps))
+    if cfg.ema.enabled:
+        callbacks.append(EMA(decay=cfg.ema.decay, start_step=cfg.ema.start_step))
     return callbacks
 
 
