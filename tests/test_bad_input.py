@@ -184,3 +184,15 @@ def test_resumed_run_reports_exactly_what_an_uninterrupted_run_reports(tiny_over
     assert len(straight) == 2 and len(crashed_runs) == 2, calls  # periodic at step 6 + final, each
     assert straight[0] == straight[1]  # periodic and final evaluation at the same step: the same EMA weights
     assert crashed_runs[-1] == straight[-1]  # the resumed run reports what the uninterrupted one reports
+
+
+# ---- case 2: every path a command needs is checked before any compute ------------------------------------------
+
+
+def test_evaluate_missing_folders_fail_before_the_evaluator_trains(tiny_overrides, tmp_path, capsys):
+    t0 = time.time()
+    assert main(["evaluate", tiny_overrides[0], f"real_root={tmp_path / 'no_real'}", f"fake_root={tmp_path}"]) == 2
+    assert "real_root" in one_line_error(capsys) and nothing_trained(tiny_overrides)
+    assert main(["evaluate", tiny_overrides[0], f"real_root={tmp_path}", f"fake_root={tmp_path / 'no_fake'}"]) == 2
+    assert "no_fake" in one_line_error(capsys) and nothing_trained(tiny_overrides)
+    assert time.time() - t0 < 20

@@ -323,6 +323,8 @@ def main(cfg: DictConfig) -> int:
     if cfg.real_root or cfg.fake_root:
         require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
                 "give both folders")
+        for key in ("real_root", "fake_root"):  # every path first: before an evaluator is trained or a clip read
+            require(Path(cfg[key]).is_dir(), key, cfg[key], "no such directory")
         evaluator = load_evaluator(ensure_evaluator(cfg)).net if m.features == "evaluator" else None
         nets = build_feature_networks(to_container(m), evaluator)
         size = int(m.resolution) if m.features == "evaluator" else int(cfg.data.height)
