@@ -196,3 +196,40 @@ def test_evaluate_missing_folders_fail_before_the_evaluator_trains(tiny_override
     assert main(["evaluate", tiny_overrides[0], f"real_root={tmp_path}", f"fake_root={tmp_path / 'no_fake'}"]) == 2
     assert "no_fake" in one_line_error(capsys) and nothing_trained(tiny_overrides)
     assert time.time() - t0 < 20
+
+
+# ---- case 9: your own videos: what to change, before any compute; every checkpoint load weights_only ------------
+
+
+@pytest.fixture
+def four_videos(tmp_path):
+    from sorabench.data.video_io import write_video
+    from tests.test_data import moving_square
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    rows = []
+    for i in range(4):
+        write_video(root / f"clip{i}.mp4", moving_square())
+        rows.append({"video": f"clip{i}.mp4", "caption": f"a red square number {i}"})
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def test_own_videos_fail_before_compute_saying_what_to_change(tiny_overrides, four_videos, capsys, caplog):
+    import logging
+
+    overrides = [o for o in tiny_overrides if not o.startswith("data.split_sizes")]
+    folder = ["data=folder", f"data.root={four_videos}"]
+    assert main(["data", "check", *folder]) == 0
+    assert "warning" in capsys.readouterr().out
+    assert main(["train", *overrides, *folder]) == 2
+    err = one_line_error(capsys)
+    assert "data.val_fraction" in err and "split 'val'" in err and nothing_trained(tiny_overrides)
+    folder += ["data.val_fraction=0.5", "data.test_fraction=0"]
+    assert main(["train", *overrides, *folder]) == 2  # the default metrics=evaluator cannot read folder videos
+    assert "metrics=evaluator needs data=shapes" in one_line_error(capsys) and nothing_trained(tiny_overrides)
+    # Checkpoints are written and read as data only: Lightning never falls back to weights_only=False.
+    with caplog.at_level(logging.INFO):
+        assert main(["train", *overrides, *folder, "evaluate.enabled=false", "mlflow.enabled=false"]) == 0
+    assert "weights_only` was not set" not in caplog.text

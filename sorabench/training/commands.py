@@ -245,8 +245,6 @@ def validate_train_config(cfg: DictConfig):
     require(isinstance(cfg.compile, bool), "compile", cfg.compile, "must be true or false")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
-    if cfg.mlflow.enabled:
-        check_tracking_uri(cfg.mlflow.tracking_uri)
     if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
         for net in ("fvd", "fid"):
             path = Path(cfg.metrics[net].path)
@@ -259,6 +257,10 @@ def validate_train_config(cfg: DictConfig):
     if cfg.data.name == "folder":  # index and probe the user's files now (cheap), not minutes into training
         for split in ("train", "val"):
             build_dataset(to_container(cfg.data), split)
+    evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
+    if evaluating and cfg.metrics.features == "evaluator" and cfg.data.name != "shapes":
+        raise ConfigError(f"metrics=evaluator needs data=shapes (its attribute labels); with data={cfg.data.name} use "
+                          "metrics=torchscript (your feature network files) or evaluate.enabled=false")
     try:
         latent = build_vae(**to_container(cfg.vae.model)).latent_shape(data.num_frames, data.height, data.width)
     except ValueError as e:
@@ -267,6 +269,8 @@ def validate_train_config(cfg: DictConfig):
         check_patch_size(latent[1:], tuple(cfg.dit.patch_size))
     except ValueError as e:
         raise ConfigError(f"dit.patch_size={list(cfg.dit.patch_size)}: {e}") from e
+    if cfg.mlflow.enabled:  # last: the only check that may reach out to a server
+        check_tracking_uri(cfg.mlflow.tracking_uri)
 
 
 def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModule:
