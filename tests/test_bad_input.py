@@ -233,3 +233,39 @@ def test_own_videos_fail_before_compute_saying_what_to_change(tiny_overrides, fo
     with caplog.at_level(logging.INFO):
         assert main(["train", *overrides, *folder, "evaluate.enabled=false", "mlflow.enabled=false"]) == 0
     assert "weights_only` was not set" not in caplog.text
+
+
+# ---- case 5: caches of folder data are keyed by content --------------------------------------------------------
+
+
+def test_replacing_a_video_in_place_invalidates_latents_and_real_statistics(four_videos, tmp_path):
+    import os
+
+    from sorabench.data.video_io import write_video
+    from sorabench.latents import cache_key
+    from sorabench.metrics.fvd import load_real_statistics, save_real_statistics
+    from tests.test_data import moving_square
+
+    data = {"name": "folder", "root": str(four_videos), "val_fraction": 0.5, "test_fraction": 0.0}
+    vae_ckpt = tmp_path / "vae.ckpt"
+    vae_ckpt.write_bytes(b"stands in for a VAE checkpoint: only its hash enters the key")
+
+    def fields():
+        from sorabench.config import config_key
+        from sorabench.data.module import clip_fields
+
+        return {"feature_net": "evaluator", "feature_sha256": "0", "n_real": 4, "n_generated": 4, "num_frames": 8,
+                "frame_stride": 1, "resolution": 32, "real_split": f"folder:{config_key(clip_fields(data))}/val",
+                "seed": 0}
+
+    stats = {"sum": torch.zeros(3), "outer": torch.zeros(3, 3), "n": torch.tensor(4)}
+    before = cache_key(vae_ckpt, data, "train")
+    save_real_statistics(tmp_path / "stats", fields(), stats)
+    assert cache_key(vae_ckpt, data, "train") == before and load_real_statistics(tmp_path / "stats", fields())
+    clip = four_videos / "clip0.mp4"
+    stat = clip.stat()
+    write_video(clip, -moving_square())  # other pixels, same name
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    assert clip.stat().st_size != stat.st_size
+    assert cache_key(vae_ckpt, data, "train") != before
+    assert load_real_statistics(tmp_path / "stats", fields()) is None

@@ -115,6 +115,19 @@ def read_captions(path: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
+def content_fingerprint(root: str | Path) -> str:
+    """What a folder holds, without reading the videos: a SHA-256 over the relative path, size and modification time
+    (ns) of every video and captions file under `root`, in sorted order. Replacing, adding, removing or rewriting a
+    file changes it, so the caches keyed by it (latents, real statistics) are never reused for other content."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    kinds = VIDEO_EXTENSIONS | {".jsonl", ".csv"}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in kinds and p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def split_draw(relpath: str, cfg: FolderConfig) -> float:
     """A file's position in [0, 1) from a hash of its path: [0, val_fraction) is val, then test, then train."""
     return int(hashlib.sha256(f"{cfg.seed}:{relpath}".encode()).hexdigest()[:8], 16) / 2**32
