@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, require, to_container
-from sorabench.tracking import check_tracking_uri, git_commit, package_versions
+from sorabench.tracking import check_tracking_uri, git_commit, package_versions, tag_experiment_kind
 
 console = Console(soft_wrap=True)
 # Heartbeats and their retry callback are what distributed studies need; Optuna still labels them experimental.
@@ -154,6 +154,7 @@ def ensure_parent_run(cfg: DictConfig, study: optuna.Study) -> str | None:
         if experiment
         else client.create_experiment(cfg.study, artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.study}")
     )
+    tag_experiment_kind(client, experiment_id)
     existing = client.search_runs(
         [experiment_id], filter_string=f"tags.`sorabench.role` = 'study' and tags.`sorabench.study` = '{cfg.study}'"
     )

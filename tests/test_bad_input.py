@@ -269,3 +269,25 @@ def test_replacing_a_video_in_place_invalidates_latents_and_real_statistics(four
     assert clip.stat().st_size != stat.st_size
     assert cache_key(vae_ckpt, data, "train") != before
     assert load_real_statistics(tmp_path / "stats", fields()) is None
+
+
+# ---- case 7: MLflow 3 opens sorabench's experiments as model training (the runs table) ---------------------------
+
+
+@pytest.mark.slow
+def test_experiments_are_tagged_as_model_training(tmp_path):
+    import mlflow
+    from omegaconf import open_dict
+
+    from sorabench.tracking import make_logger
+
+    cfg = compose_config("train", [f"outputs={tmp_path}", "name=k"], command="train")
+    logger = make_logger(cfg)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name("train")
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    with open_dict(cfg):
+        cfg.name = "k2"
+    make_logger(cfg)  # a second run of an existing experiment keeps it so
+    assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert logger.run_id
