@@ -90,7 +90,11 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     url = cfg.storage
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"storage={url!r}: cannot create its folder {folder} ({e.strerror})") from e
     if url.startswith("postgresql"):
         # Fail in seconds, naming the URL, instead of hanging on an unreachable server.
         engine_kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
@@ -279,6 +283,8 @@ def main(cfg: DictConfig) -> int:
     probe = grid_space(sweep) if sweep["mode"] == "grid" else {}
     first = {k: v[0] for k, v in probe.items()}
     check_cfg = trial_config(cfg, sweep, first, f"{cfg.study}/config-check")
+    if cfg.mlflow.enabled:  # before the study is created: a bad tracking URI leaves no half-made study behind
+        check_tracking_uri(cfg.mlflow.tracking_uri)
 
     storage = make_storage(cfg)
     study = create_study(cfg, sweep, storage)

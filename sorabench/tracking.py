@@ -42,7 +42,10 @@ def check_tracking_uri(uri: str, timeout: float = 3.0):
             raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot reach the tracking server ({e})") from e
     elif parsed.scheme.startswith("sqlite"):
         db = Path(uri.split("///", 1)[-1])
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot create its folder {db.parent} ({e.strerror})") from e
         # Several workers sharing one sqlite file would race to create MLflow's tables: create them under a lock.
         import fcntl
 

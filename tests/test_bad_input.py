@@ -291,3 +291,19 @@ def test_experiments_are_tagged_as_model_training(tmp_path):
     make_logger(cfg)  # a second run of an existing experiment keeps it so
     assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert logger.run_id
+
+
+# ---- case 4: a database path that cannot be created names its key --------------------------------------------
+
+
+@pytest.mark.parametrize("override, key", [("storage=sqlite:////proc/nope/x.db", "storage"),
+                                           ("mlflow.tracking_uri=sqlite:////proc/nope/m.db", "mlflow.tracking_uri")])
+def test_uncreatable_database_folder_names_the_key(tmp_path, override, key):
+    import subprocess
+    import sys
+
+    args = ["sweep", f"outputs={tmp_path}", override, *(["mlflow.enabled=false"] if key == "storage" else [])]
+    proc = subprocess.run([sys.executable, "-m", "sorabench.cli", *args], capture_output=True, text=True)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {key}=") and "/proc/nope" in err
