@@ -315,7 +315,8 @@ def main(cfg: DictConfig) -> int:
                                          f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
                                          f"metric={sweep['objectives'][0]['metric']}"], command="report")
         report_main(rcfg)
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1")
+        console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1, then open "
+                      "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs tables, not GenAI)")
     return 0
 
 
