@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Inside the package, so an installed wheel finds its configs (in a checkout, sorabench/conf links to conf/).
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -32,9 +32,12 @@ def compose_config(config_name: str, overrides: list[str], command: str | None =
         raise ConfigError(f"no config {config_name}.yaml in {CONF_DIR}")
     head = [f"command={command or config_name}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=[*head, *overrides])
-        # The schema: the same config groups with no value overrides, i.e. the YAML defaults the user chose.
-        schema = compose(config_name=config_name, overrides=[*head, *group_choices(overrides)])
+        cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
+        choices = set(cfg.hydra.runtime.choices)  # the config groups this config really selects from
+        with open_dict(cfg):
+            del cfg["hydra"]
+        # The schema: the same config group options with no value overrides, i.e. the YAML defaults the user chose.
+        schema = compose(config_name=config_name, overrides=[*head, *group_choices(overrides, choices)])
     check_types(cfg, schema)
     return cfg
 
@@ -56,9 +59,9 @@ TYPES = {
 TYPE_NAMES = {"bool": "true or false", "int": "an integer", "number": "a number", "null": "null"}
 
 
-def group_choices(overrides: list[str]) -> list[str]:
-    """The overrides that pick a config group option (`dit=S`, `+metrics=torchscript`), not values."""
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+def group_choices(overrides: list[str], groups: set[str]) -> list[str]:
+    """The overrides that pick an option of one of `groups` (`dit=S`, `+metrics=torchscript`), not values (`encode`'s
+    `vae=<checkpoint>` is a value: encode has no vae group)."""
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split("@")[0] in groups]
 
 

@@ -242,7 +242,6 @@ def validate_train_config(cfg: DictConfig):
     require(0 <= cfg.caption_dropout < 1, "caption_dropout", cfg.caption_dropout, "must be in [0, 1)")
     require(cfg.sample.guidance_scale >= 0, "sample.guidance_scale", cfg.sample.guidance_scale, "must be >= 0")
     require(cfg.sample.steps >= 1, "sample.steps", cfg.sample.steps, "must be >= 1")
-    require(isinstance(cfg.compile, bool), "compile", cfg.compile, "must be true or false")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
     if (cfg.evaluate.enabled or cfg.evaluate.every_n_steps) and cfg.metrics.features == "torchscript":
