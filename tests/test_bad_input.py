@@ -307,3 +307,16 @@ def test_uncreatable_database_folder_names_the_key(tmp_path, override, key):
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {key}=") and "/proc/nope" in err
+
+
+# ---- found on the way: `encode vae=<ckpt>` could not work (`vae` is a config group) -----------------------------
+
+
+def test_encode_takes_the_vae_checkpoint_as_vae_ckpt(trained, capsys):
+    from tests.conftest import TINY
+
+    outputs, _ = trained
+    vae = next((outputs / "train_vae").glob("*/checkpoints/last.ckpt"))
+    sizes = [o for o in TINY if o.startswith("data.split_sizes")]
+    assert main(["encode", f"vae_ckpt={vae}", f"outputs={outputs}", *sizes]) == 0
+    assert "train: 64 clips" in capsys.readouterr().out

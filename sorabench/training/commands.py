@@ -219,14 +219,14 @@ def load_vae(path: str | Path):
 
 
 def encode(cfg: DictConfig) -> int:
-    """`sorabench encode vae=<ckpt> data=<...> splits=[train,val]`: write the latent caches."""
-    vae = load_vae(cfg.vae)
+    """`sorabench encode vae_ckpt=<ckpt> data=<...> splits=[train,val]`: write the latent caches."""
+    vae = load_vae(cfg.vae_ckpt)
     data = to_container(cfg.data)
     for split in cfg.splits:
-        key = cache_key(cfg.vae, data, split)
+        key = cache_key(cfg.vae_ckpt, data, split)
         existed = cache_path(cfg.cache_dir, key).is_file()
         t0 = time.time()
-        cache = load_or_encode(vae, cfg.vae, data, split, cfg.cache_dir)
+        cache = load_or_encode(vae, cfg.vae_ckpt, data, split, cfg.cache_dir)
         what = "reused" if existed else f"encoded in {time.time() - t0:.1f} s"
         console.print(f"{split}: {len(cache['captions'])} clips {tuple(cache['mean'].shape[1:])} {what} "
                       f"-> {cache_path(cfg.cache_dir, key)}")
