@@ -212,7 +212,78 @@ def aggregate_history(history: pd.DataFrame, by: str = "strategy") -> pd.DataFra
     h = history.sort_values([c for c in ("run_id", "step", "timestamp") if c in history])
     h = h.drop_duplicates(["run_id", "step"], keep="last")
     agg = h.groupby([by, "step"])["value"].agg(["mean", "std", "min", "max", "count"]).reset_index()
-    return agg.rename(columns={"std": "sd", "count": "n"})
+    agg = agg.rename(columns={"std": "sd", "count": "n"})
+    agg["ci95"] = [mean_ci95(g.to_numpy())[1] for _, g in h.groupby([by, "step"])["value"]]
+    return agg
+
+
+REFERENCE_SOURCES = {"real": "real clips", "ceiling": "VAE reconstructions (ceiling)", "noise": "pure noise (floor)"}
+
+
+def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute, what the evaluator reads from real clips, from the VAE's reconstructions of them (the ceiling
+    any latent DiT is measured against) and from noise: `eval/<source>_acc_<attr>`, mean over runs (they share
+    the evaluator, the VAE and the clips, so the runs agree unless those differ: `spread` is max − min)."""
+    rows = []
+    for attr in ATTRS:
+        row = {"attribute": attr}
+        for src in REFERENCE_SOURCES:
+            values = _finite(runs[f"eval/{src}_acc_{attr}"]) if f"eval/{src}_acc_{attr}" in runs else np.array([])
+            row[src] = float(values.mean()) if len(values) else math.nan
+            row[f"{src}_spread"] = float(values.max() - values.min()) if len(values) else math.nan
+        if any(math.isfinite(row[src]) for src in REFERENCE_SOURCES):
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str = "strategy") -> pd.DataFrame:
+    """`power_analysis` of the best against the worst and against the runner-up strategy on each metric, ranked
+    by that metric's own means."""
+    rows = []
+    for m in metrics:
+        if f"{m}_mean" not in summary:
+            continue
+        ranked = rank_strategies(summary, m, metric_direction(m)).dropna(subset=[f"{m}_mean"])
+        names = list(ranked.index)
+        for other in dict.fromkeys(names[1:2] + names[-1:]):
+            if other != names[0]:
+                rows.append(power_analysis(runs, m, names[0], other, by=by))
+    return pd.DataFrame(rows)
+
+
+def power_analysis(runs: pd.DataFrame, metric: str, a: str, b: str, by: str = "strategy",
+                   power: float = 0.8, alpha: float = ALPHA, max_n: int = 1000) -> dict:
+    """The observed effect of a vs b on `metric` and the seeds per strategy a two-sided two-sample t-test needs
+    to detect it with `power` at `alpha`.
+
+    effect = Cohen's d with the pooled sd; power of the test at n per group from the noncentral t distribution
+    (df = 2n - 2, noncentrality d * sqrt(n / 2)); `seeds_needed` is the smallest such n (NaN when d is 0 or not
+    finite, `max_n` + 1 when more than `max_n` would be needed).
+    """
+    from scipy import stats
+
+    x = _finite(runs.loc[runs[by] == a, metric]) if metric in runs else np.array([])
+    y = _finite(runs.loc[runs[by] == b, metric]) if metric in runs else np.array([])
+    out = {"metric": metric, "a": a, "b": b, "n_a": len(x), "n_b": len(y), "diff": math.nan,
+           "pooled_sd": math.nan, "cohens_d": math.nan, "power_at_n": math.nan, "seeds_needed": math.nan}
+    if len(x) < 2 or len(y) < 2:
+        return out
+    pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2))
+    out.update(diff=float(x.mean() - y.mean()), pooled_sd=pooled)
+    if pooled == 0 or not math.isfinite(pooled):
+        return out
+    d = abs(out["diff"]) / pooled
+    out["cohens_d"] = d
+
+    def power_at(n: int) -> float:
+        df, ncp = 2 * n - 2, d * math.sqrt(n / 2)
+        crit = stats.t.ppf(1 - alpha / 2, df)
+        return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+
+    out["power_at_n"] = power_at(min(len(x), len(y)))
+    if d > 0:
+        out["seeds_needed"] = next((n for n in range(2, max_n + 1) if power_at(n) >= power), max_n + 1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -426,7 +497,7 @@ def fetch_histories(client, runs: pd.DataFrame, metrics, by: str = "strategy") -
 
 
 def plot_history(agg: pd.DataFrame, metric: str, path: Path, order=None, by: str = "strategy") -> Path:
-    """Mean over seeds per strategy against the training step, with a min–max band; PNG via the Agg canvas."""
+    """Mean over seeds per strategy against the training step, with a 95% CI band (Student t over seeds); PNG via the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -439,10 +510,12 @@ def plot_history(agg: pd.DataFrame, metric: str, path: Path, order=None, by: str
         runs = int(g["n"].max())
         (line,) = ax.plot(g["step"], g["mean"], marker="o" if len(g) < 20 else None, ms=3, label=f"{name} (n={runs})")
         if runs > 1:
-            ax.fill_between(g["step"], g["min"], g["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+            band = g["ci95"].fillna(0.0) if "ci95" in g else None
+            low, high = (g["mean"] - band, g["mean"] + band) if band is not None else (g["min"], g["max"])
+            ax.fill_between(g["step"], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds, band = min–max")
+    ax.set_title(f"{metric}: mean over seeds, band = 95% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -460,6 +533,7 @@ def plot_name(metric: str) -> str:
 def render_markdown(
     *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
     tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
+    refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None,
 ) -> str:
     order = list(summary.index)
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
@@ -521,6 +595,42 @@ def render_markdown(
             for _, r in comp.iterrows()
         ]
         md += [md_table(["strategy", "attribute", "chance", "seen", "unseen", "gap"], rows), ""]
+
+    md += ["## Reference points: real clips, the VAE's ceiling, noise", ""]
+    if refs is None or refs.empty:
+        md += ["No eval/real_acc_* metrics were logged.", ""]
+    else:
+        md.append("What the evaluator reads (accuracy against the prompts' labels) from the real evaluation clips, "
+                  "from the shared VAE's reconstructions of those clips (no latent DiT can show more: the ceiling) "
+                  "and from pure noise (the floor). A strategy's accuracy is read against the ceiling, not 1.0.")
+        md.append("")
+        rows = [[r.attribute, *[fmt(r[src], 3) for src in REFERENCE_SOURCES]] for _, r in refs.iterrows()]
+        md += [md_table(["attribute", *REFERENCE_SOURCES.values()], rows), ""]
+
+    md += ["## Power", ""]
+    if power is None or power.empty:
+        md += ["Fewer than two strategies with two or more runs: no power analysis.", ""]
+    else:
+        md.append("Observed effect of the best strategy against the runner-up and the worst (Cohen's d, pooled sd) "
+                  "and the seeds per strategy a two-sided two-sample t-test needs to detect that effect with 80% "
+                  f"power at α = {ALPHA:g} (noncentral t); 'power now' is the power at the seeds this study has. "
+                  "The observed d of a small study is itself noisy: read the seed count as an order of magnitude.")
+        md.append("")
+        def holm_p(r) -> float:
+            t = tests.get(r.metric)
+            pair = t[((t.a == r.a) & (t.b == r.b)) | ((t.a == r.b) & (t.b == r.a))] if t is not None else None
+            return float(pair.welch_p_holm.iloc[0]) if pair is not None and len(pair) else math.nan
+
+        rows = []
+        for _, r in power.iterrows():
+            p = holm_p(r)
+            verdict = "separated" if _ok(p) and p < ALPHA else "not separated"
+            seeds = "–" if not _ok(r.seeds_needed) else (
+                f"> {int(r.seeds_needed) - 1}" if r.seeds_needed > 1000 else str(int(r.seeds_needed)))
+            rows.append([r.metric, r.a, r.b, fmt(r["diff"]), fmt_p(p), verdict, fmt(r.cohens_d, 3),
+                         fmt(r.power_at_n, 2), seeds])
+        headers = ["metric", "best", "vs", "diff", "Holm p", "at α", "Cohen's d", "power now", "seeds for 80%"]
+        md += [md_table(headers, rows), ""]
 
     md += ["## Failed, pruned and unfinished runs", ""]
     if excluded.empty:
@@ -615,7 +725,7 @@ def main(cfg: DictConfig) -> int:
     out_dir = Path(cfg.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = [m for m in CURVE_METRICS if m in metrics]
-    curves += [m for m in metrics if m.startswith("eval/") and not m.startswith("eval/chance_")]
+    curves += [m for m in metrics if m.startswith("eval/") and not re.match(r"eval/(chance|real|noise|ceiling)_", m)]
     plots = {}
     for m, history in fetch_histories(client, complete, curves).items():
         if m not in CURVE_METRICS and history.groupby("run_id").size().max() < 2:
@@ -637,6 +747,7 @@ def main(cfg: DictConfig) -> int:
     md = render_markdown(
         title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
+        refs=reference_points(complete), power=headline_power(complete, summary, tested),
     )
 
     files = ["report.md", "summary.csv", "pairwise.csv", "runs.csv", *plots.values()]

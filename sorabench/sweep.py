@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -274,6 +275,55 @@ def target_trials(cfg: DictConfig, sweep: dict) -> int:
     return n
 
 
+def worker_threads(cfg: DictConfig) -> int:
+    """Intra-op threads of each local worker: `threads`, or the machine's cores shared out among `workers`."""
+    workers = int(cfg.workers)
+    require(workers >= 1, "workers", cfg.workers, "must be >= 1")
+    threads = cfg.threads if cfg.threads is not None else max(1, (os.cpu_count() or 1) // workers)
+    require(isinstance(threads, int) and threads >= 1, "threads", cfg.threads, "must be null or an int >= 1")
+    return threads
+
+
+def _local_worker(cfg_yaml: str) -> None:
+    """Entry point of a local worker process (multiprocessing, spawn): the same study, one trial at a time."""
+    from sorabench.cli import quiet_libraries
+
+    quiet_libraries()
+    cfg = OmegaConf.create(cfg_yaml)
+    try:
+        main(cfg)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker; the parent says how to resume
+        pass
+
+
+def start_local_workers(cfg: DictConfig) -> list:
+    """Start `workers - 1` more processes on this machine that work on the same study as this one.
+
+    Why: the small DiTs of a CPU ablation leave most of a core idle in per-op overhead, so k processes with
+    cores/k threads each train more clips per second in all than one process with every core
+    (benchmarks/RESULTS.md measures it). Each trial still runs alone in one process, from its own seed, so its
+    numbers match a trial run by itself up to floating-point reduction order. Workers share the Optuna storage
+    (each takes the next free grid cell) and the caches, which `prepare_shared_assets` filled before."""
+    import multiprocessing
+
+    import torch
+
+    threads = worker_threads(cfg)
+    torch.set_num_threads(threads)
+    extra = int(cfg.workers) - 1
+    if extra <= 0:
+        return []
+    child = OmegaConf.to_container(cfg, resolve=True)
+    child.update(workers=1, threads=threads, report=False)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or DB handles
+    procs = [ctx.Process(target=_local_worker, args=(OmegaConf.to_yaml(child),), name=f"sweep-worker-{i + 1}")
+             for i in range(extra)]
+    for p in procs:
+        p.start()
+    console.print(f"{int(cfg.workers)} local workers, {threads} thread(s) each")
+    return procs
+
+
 def main(cfg: DictConfig) -> int:
     sweep = to_container(cfg.sweep)
     require(sweep.get("mode") in ("grid", "search"), "sweep.mode", sweep.get("mode"), "must be grid or search")
@@ -293,7 +343,10 @@ def main(cfg: DictConfig) -> int:
 
     from sorabench.training.commands import prepare_shared_assets
 
-    prepare_shared_assets(check_cfg)  # the VAE and the evaluator, once per sweep, before any trial
+    # The VAE, the evaluator and the data caches, once per sweep and before any trial: local workers started
+    # below then only read them.
+    prepare_shared_assets(check_cfg, caches=True)
+    workers = start_local_workers(cfg)
     objective = make_objective(cfg, sweep, parent_run_id)
     start = time.time()
     while True:
@@ -306,6 +359,8 @@ def main(cfg: DictConfig) -> int:
             study.optimize(objective, n_trials=1, catch=(Exception,))
         else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
             time.sleep(cfg.heartbeat_interval)
+    for w in workers:
+        w.join()
     console.print(f"study {cfg.study!r}: {target} trials finished; this worker ran for {time.time() - start:.0f} s")
     print_results(study)
     if cfg.report and cfg.mlflow.enabled:

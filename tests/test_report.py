@@ -128,6 +128,26 @@ def test_aggregate_history_mean_band_and_resumed_duplicates():
     agg = aggregate_history(h).set_index("step")
     assert agg.loc[0, "mean"] == 2.0 and agg.loc[10, "mean"] == 3.0
     assert (agg.loc[10, "min"], agg.loc[10, "max"], agg.loc[10, "n"]) == (2.0, 4.0, 2)
+    assert agg.loc[10, "ci95"] == pytest.approx(mean_ci95([2.0, 4.0])[1])  # the learning curves' band
+
+
+def test_power_analysis_matches_the_textbook_and_simulation():
+    from scipy import stats
+
+    from sorabench.report import power_analysis
+
+    # d = 1 (diff 1, sd 1): a two-sided two-sample t-test needs 17 per group for 80% power at 0.05 (Cohen 1988).
+    runs = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [1.0, 2.0, 3.0, 0.0, 1.0, 2.0]})
+    p = power_analysis(runs, "m", "a", "b")
+    assert p["cohens_d"] == pytest.approx(1.0) and p["seeds_needed"] == 17
+    # The power it reports at n = 3 is what a simulation of that test finds.
+    rng = np.random.default_rng(0)
+    hits = [stats.ttest_ind(rng.normal(1, 1, 3), rng.normal(0, 1, 3)).pvalue < 0.05 for _ in range(4000)]
+    assert p["power_at_n"] == pytest.approx(np.mean(hits), abs=0.02)
+    # A larger effect needs fewer seeds; one run per side cannot be analysed.
+    big = power_analysis(runs.assign(m=runs.m * 3 - (runs.strategy == "b") * 3), "m", "a", "b")
+    assert big["seeds_needed"] < 17
+    assert math.isnan(power_analysis(runs.iloc[[0, 3]], "m", "a", "b")["seeds_needed"])
 
 
 def test_reading_names_best_significance_and_chance():

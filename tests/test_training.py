@@ -79,3 +79,36 @@ def test_compiled_training_keeps_checkpoints_portable(tiny_overrides):
     state = torch.load(result["ckpt"], weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in key for key in state)  # same keys as an eager run
     assert Path(result["ckpt"]).is_file()
+
+
+class ValidatedRegression(Regression):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_periodic_evaluation_sees_the_ema_weights(tiny_overrides, monkeypatch):
+    # EvaluateCallback must run while the EMA weights are swapped in (the final evaluation uses them too), i.e.
+    # before the EMA callback swaps the training weights back at the end of validation.
+    from sorabench.metrics import evaluate
+    from sorabench.training.commands import training_callbacks
+
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate_module", lambda module, cfg, logger=None, step=0: seen.setdefault(
+        step, {k: v.clone() for k, v in module.state_dict().items()}) and {})
+    cfg = compose_config("train", [*tiny_overrides, "evaluate.every_n_steps=6", "mlflow.enabled=false",
+                                   "ema.start_step=0", "ema.decay=0.7"], command="train")
+    callbacks = training_callbacks(cfg, val_cache={})
+    torch.manual_seed(0)
+    module = ValidatedRegression()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randn(32, 1)), 4)
+    trainer = L.Trainer(max_steps=6, val_check_interval=6, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, data, data)
+    raw = train_with(L.Callback())  # the same run without EMA: its final weights are the raw weights
+    final = module.state_dict()  # the EMA weights, swapped in at the end of training
+    assert list(seen) == [6]
+    for key in final:
+        torch.testing.assert_close(seen[6][key], final[key])
+    assert any(not torch.allclose(seen[6][k], raw[k]) for k in raw)

@@ -36,8 +36,10 @@ RGB = torch.tensor(
 )
 # (dx, dy) unit motion per direction, image coordinates (y grows downwards).
 DIRECTION_VECTORS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
-RADIUS = {"small": 4.0, "large": 7.0}  # pixels at 32x32; scaled with the frame size
-SPEED = {"slow": 0.75, "fast": 1.75}  # pixels per frame at 32x32
+# Object radius (pixels) and speed (pixels per frame) at 32x32, scaled with the frame size: the defaults of
+# `ShapesConfig.radius` / `ShapesConfig.speed` (conf/data/shapes.yaml), in ATTRIBUTES["size"] / ["speed"] order.
+RADIUS = {"small": 4.0, "large": 6.0}
+SPEED = {"slow": 1.25, "fast": 2.5}
 
 # Words a caption may use for each attribute value. The first word of each list is the canonical one.
 # Every word maps to exactly one value, so a caption can be parsed back into labels (see `parse_caption`).
@@ -86,6 +88,8 @@ class ShapesConfig:
     split_sizes: dict[str, int] = field(
         default_factory=lambda: {"train": 4096, "val": 256, "test": 512, "unseen": 256}
     )
+    radius: dict[str, float] = field(default_factory=lambda: dict(RADIUS))  # {small, large}: pixels at 32x32
+    speed: dict[str, float] = field(default_factory=lambda: dict(SPEED))  # {slow, fast}: pixels/frame at 32x32
     seed: int = 0
 
     def __post_init__(self):
@@ -98,6 +102,11 @@ class ShapesConfig:
             raise ConfigError(f"data.num_objects={self.num_objects} must be 1 or 2")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
+        for key, names in (("radius", ATTRIBUTES["size"]), ("speed", ATTRIBUTES["speed"])):
+            value = dict(getattr(self, key))
+            if set(value) != set(names) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
+                raise ConfigError(f"data.{key}={value} must give a positive number for each of {names}")
+            setattr(self, key, value)
 
 
 def heldout_triples(cfg: ShapesConfig) -> torch.Tensor:
@@ -196,8 +205,8 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
     n, n_obj, _ = labels.shape
     T, H, W = cfg.num_frames, cfg.height, cfg.width
     scale = min(H, W) / 32.0
-    radius = torch.tensor([RADIUS["small"], RADIUS["large"]])[labels[..., 2]] * scale  # (n, n_obj)
-    speed = torch.tensor([SPEED["slow"], SPEED["fast"]])[labels[..., 4]] * scale
+    radius = torch.tensor([float(cfg.radius[s]) for s in ATTRIBUTES["size"]])[labels[..., 2]] * scale  # (n, n_obj)
+    speed = torch.tensor([float(cfg.speed[s]) for s in ATTRIBUTES["speed"]])[labels[..., 4]] * scale
     velocity = DIRECTION_VECTORS[labels[..., 3]] * speed[..., None]  # (n, n_obj, 2)
     lo = radius[..., None]  # keep the whole shape inside the frame
     hi = torch.stack([W - radius, H - radius], dim=-1)

@@ -291,10 +291,12 @@ def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModul
 def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
     from sorabench.training.dit_module import LogSampleVideos
 
+    # Callbacks run in list order, and the EMA callback swaps the training weights back in its own
+    # `on_validation_epoch_end`: everything that samples with the validated (EMA) weights comes before it.
     callbacks = [TagCheckpointKind("dit")]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
-        callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))  # before EMA: see its docstring
-    if cfg.evaluate.every_n_steps:  # before EMA, like LogSampleVideos: it evaluates the EMA weights
+        callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))
+    if cfg.evaluate.every_n_steps:
         from sorabench.metrics.evaluate import EvaluateCallback
 
         callbacks.append(EvaluateCallback(cfg, every_n_steps=cfg.evaluate.every_n_steps))
@@ -353,10 +355,21 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     return result
 
 
-def prepare_shared_assets(cfg: DictConfig):
-    """Train what every trial of a sweep shares (VAE, evaluator) before the trials start."""
+def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
+    """Train what every trial of a sweep shares (VAE, evaluator) before the trials start; with `caches`, also
+    encode the latent caches and embed the captions, so that workers running trials at once only read them."""
     validate_train_config(cfg)
-    ensure_vae(cfg)
+    vae_ckpt = ensure_vae(cfg)
+    if caches:
+        vae, data = load_vae(vae_ckpt), to_container(cfg.data)
+        captions = []
+        for split in ("train", "val"):
+            captions += load_or_encode(vae, vae_ckpt, data, split, cfg.cache_dir)["captions"]
+        if cfg.text_encoder.name != "learned":
+            from sorabench.training.dit_module import frozen_text_encoder
+
+            text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
+            frozen_text_encoder(cfg.text_encoder.name, **text_cfg).precompute(captions, cache_dir=cfg.cache_dir)
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
     if evaluating and (cfg.metrics.features == "evaluator" or cfg.data.name == "shapes"):
         from sorabench.metrics.evaluate import ensure_evaluator
