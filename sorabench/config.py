@@ -55,6 +55,7 @@ TYPES = {
     "trainer.fast_dev_run": ("bool", "int"),
     "data.fps": ("number", "null"),
     "n_trials": ("int", "null"),
+    "threads": ("int", "null"),
 }
 TYPE_NAMES = {"bool": "true or false", "int": "an integer", "number": "a number", "null": "null"}
 
