@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Inside the package, so an installed wheel finds its configs (in a checkout, sorabench/conf links to conf/).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(p), replace=True)
 
@@ -25,12 +26,80 @@ class ConfigError(ValueError):
 
 
 def compose_config(config_name: str, overrides: list[str], command: str | None = None) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with Hydra overrides; struct mode, so an unknown key is an error."""
+    """Compose `conf/<config_name>.yaml` with Hydra overrides; struct mode, so an unknown key is an error, and the
+    typed schema (`check_types`), so a value of the wrong type is an error naming its key."""
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise ConfigError(f"no config {config_name}.yaml in {CONF_DIR}")
+    head = [f"command={command or config_name}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=[f"command={command or config_name}", *overrides])
+        cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
+        choices = set(cfg.hydra.runtime.choices)  # the config groups this config really selects from
+        with open_dict(cfg):
+            del cfg["hydra"]
+        # The schema: the same config group options with no value overrides, i.e. the YAML defaults the user chose.
+        schema = compose(config_name=config_name, overrides=[*head, *group_choices(overrides, choices)])
+    check_types(cfg, schema)
     return cfg
+
+
+# ---- the typed schema -------------------------------------------------------------------------------------------
+# Every key's type is its default's type in the YAML (bool, int, float: an int is accepted for a float), checked once
+# after composition, for every command and every sweep trial. The defaults cannot show two things, listed here:
+# keys whose default is null, and keys that take more than their default's type.
+TYPES = {
+    "evaluate.every_n_steps": ("int", "null"),
+    "trainer.val_check_interval": ("number", "null"),  # int: steps; float: a fraction of an epoch (Lightning)
+    "trainer.limit_val_batches": ("number", "null"),
+    "trainer.gradient_clip_val": ("number", "null"),
+    "trainer.max_epochs": ("int", "null"),
+    "trainer.fast_dev_run": ("bool", "int"),
+    "data.fps": ("number", "null"),
+    "n_trials": ("int", "null"),
+    "threads": ("int", "null"),
+}
+TYPE_NAMES = {"bool": "true or false", "int": "an integer", "number": "a number", "null": "null"}
+
+
+def group_choices(overrides: list[str], groups: set[str]) -> list[str]:
+    """The overrides that pick an option of one of `groups` (`dit=S`, `+metrics=torchscript`), not values (`encode`'s
+    `vae=<checkpoint>` is a value: encode has no vae group)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split("@")[0] in groups]
+
+
+def kind_of(value) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "number"
+    return None
+
+
+def conforms(value, kinds: tuple[str, ...]) -> bool:
+    found = "null" if value is None else kind_of(value)
+    return found in kinds or (found == "int" and "number" in kinds)
+
+
+def check_types(cfg: DictConfig, schema: DictConfig):
+    """Raise a ConfigError naming the first key whose value does not have its schema type (lists: per element)."""
+    values = flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key, default in flatten(OmegaConf.to_container(schema, resolve=True)).items():
+        if key not in values:
+            continue
+        value = values[key]
+        if isinstance(default, list):
+            kinds = {kind_of(d) for d in default}
+            if not default or None in kinds or len(kinds) > 1 or "bool" in kinds:
+                continue  # an empty, mixed or non-numeric list has no element type to check
+            (kind,) = kinds
+            if not isinstance(value, list) or not all(conforms(v, (kind,)) for v in value):
+                raise ConfigError(f"{key}={value!r}: must be a list of {TYPE_NAMES[kind].split(' ', 1)[-1]}s")
+            continue
+        kinds = TYPES.get(key) or ((kind_of(default),) if kind_of(default) else None)
+        if kinds and not conforms(value, kinds):
+            expected = " or ".join(TYPE_NAMES[k] for k in kinds)
+            raise ConfigError(f"{key}={value!r}: must be {expected} (default: {default!r})")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, require, to_container
-from sorabench.tracking import check_tracking_uri, git_commit, package_versions
+from sorabench.tracking import check_tracking_uri, git_commit, package_versions, tag_experiment_kind
 
 console = Console(soft_wrap=True)
 # Heartbeats and their retry callback are what distributed studies need; Optuna still labels them experimental.
@@ -91,7 +91,11 @@ def make_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     url = cfg.storage
     engine_kwargs = {}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"storage={url!r}: cannot create its folder {folder} ({e.strerror})") from e
     if url.startswith("postgresql"):
         # Fail in seconds, naming the URL, instead of hanging on an unreachable server.
         engine_kwargs = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
@@ -155,6 +159,7 @@ def ensure_parent_run(cfg: DictConfig, study: optuna.Study) -> str | None:
         if experiment
         else client.create_experiment(cfg.study, artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.study}")
     )
+    tag_experiment_kind(client, experiment_id)
     existing = client.search_runs(
         [experiment_id], filter_string=f"tags.`sorabench.role` = 'study' and tags.`sorabench.study` = '{cfg.study}'"
     )
@@ -328,6 +333,8 @@ def main(cfg: DictConfig) -> int:
     probe = grid_space(sweep) if sweep["mode"] == "grid" else {}
     first = {k: v[0] for k, v in probe.items()}
     check_cfg = trial_config(cfg, sweep, first, f"{cfg.study}/config-check")
+    if cfg.mlflow.enabled:  # before the study is created: a bad tracking URI leaves no half-made study behind
+        check_tracking_uri(cfg.mlflow.tracking_uri)
 
     storage = make_storage(cfg)
     study = create_study(cfg, sweep, storage)
@@ -363,7 +370,8 @@ def main(cfg: DictConfig) -> int:
                                          f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
                                          f"metric={sweep['objectives'][0]['metric']}"], command="report")
         report_main(rcfg)
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1")
+        console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1, then open "
+                      "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs tables, not GenAI)")
     return 0
 
 

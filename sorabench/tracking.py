@@ -19,6 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from sorabench.config import ConfigError, flatten, to_container
 
 RUN_ID_FILE = "mlflow_run.json"
+# MLflow 3's UI opens an experiment by its kind tag; untagged, sorabench's open in the GenAI view (traces, sessions).
+# "custom_model_development" ("Machine learning" in the UI) opens the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def tag_experiment_kind(client, experiment_id: str):
+    """Mark an experiment sorabench writes to as model training (every run does it: older experiments get it too)."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def check_tracking_uri(uri: str, timeout: float = 3.0):
@@ -34,7 +42,10 @@ def check_tracking_uri(uri: str, timeout: float = 3.0):
             raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot reach the tracking server ({e})") from e
     elif parsed.scheme.startswith("sqlite"):
         db = Path(uri.split("///", 1)[-1])
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: cannot create its folder {db.parent} ({e.strerror})") from e
         # Several workers sharing one sqlite file would race to create MLflow's tables: create them under a lock.
         import fcntl
 
@@ -99,6 +110,7 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
         run_id=run_id,
         artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.mlflow.experiment}",
     )
+    tag_experiment_kind(logger.experiment, logger.experiment_id)
     if run_id is None:
         id_file.write_text(json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))
         log_config(logger, cfg)

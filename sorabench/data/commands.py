@@ -13,6 +13,7 @@ from rich.table import Table
 from sorabench.config import require, to_container
 from sorabench.data.folder import (
     VIDEO_EXTENSIONS,
+    empty_split_message,
     find_captions_file,
     frames_needed,
     read_captions,
@@ -117,6 +118,9 @@ def check(cfg: DictConfig) -> int:
     readable = [rel for rel, _, _ in entries if rel not in {p for p, _ in problems}]
     counts = Counter(split_of(rel, fcfg) for rel in readable)
     console.print("clips per split: " + ", ".join(f"{s}={counts.get(s, 0)}" for s in ("train", "val", "test")))
+    for split in ("val", "test"):  # training needs a val split; say now what to change, not at `train` time
+        if not counts.get(split) and readable:
+            console.print(f"[yellow]warning: {empty_split_message(captions_file, readable, fcfg, split)}")
     if not counts.get("train"):
         problems.append(("train", "no readable clips in the train split"))
         console.print("[red]the train split is empty")

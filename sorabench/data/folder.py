@@ -115,9 +115,41 @@ def read_captions(path: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
+def content_fingerprint(root: str | Path) -> str:
+    """What a folder holds, without reading the videos: a SHA-256 over the relative path, size and modification time
+    (ns) of every video and captions file under `root`, in sorted order. Replacing, adding, removing or rewriting a
+    file changes it, so the caches keyed by it (latents, real statistics) are never reused for other content."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    kinds = VIDEO_EXTENSIONS | {".jsonl", ".csv"}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in kinds and p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def split_draw(relpath: str, cfg: FolderConfig) -> float:
+    """A file's position in [0, 1) from a hash of its path: [0, val_fraction) is val, then test, then train."""
+    return int(hashlib.sha256(f"{cfg.seed}:{relpath}".encode()).hexdigest()[:8], 16) / 2**32
+
+
+def empty_split_message(source, relpaths: list[str], cfg: FolderConfig, split: str) -> str:
+    """Why a split is empty and the smallest change of its fraction that gives it a video."""
+    draws = [split_draw(rel, cfg) for rel in relpaths]
+    if split == "val" and draws:
+        fix = f"set data.val_fraction above {min(draws):.3f}"
+    elif split == "test" and [d for d in draws if d >= cfg.val_fraction]:
+        fix = f"set data.test_fraction above {min(d for d in draws if d >= cfg.val_fraction) - cfg.val_fraction:.3f}"
+    else:
+        fix = "lower data.val_fraction + data.test_fraction"
+    return (f"{source}: no entries in split {split!r} ({len(relpaths)} captioned videos, data.val_fraction="
+            f"{cfg.val_fraction}, data.test_fraction={cfg.test_fraction}; each video's split comes from a hash of its "
+            f"path): {fix}, or add videos")
+
+
 def split_of(relpath: str, cfg: FolderConfig) -> str:
     """Deterministic split from a hash of the path, so adding files never moves existing ones between splits."""
-    u = int(hashlib.sha256(f"{cfg.seed}:{relpath}".encode()).hexdigest()[:8], 16) / 2**32
+    u = split_draw(relpath, cfg)
     if u < cfg.val_fraction:
         return "val"
     if u < cfg.val_fraction + cfg.test_fraction:
@@ -154,7 +186,8 @@ class FolderDataset(torch.utils.data.Dataset):
         self.captions_file = find_captions_file(self.root, cfg.captions)
         self.skipped: list[str] = []  # reasons for entries dropped at setup (on_error: skip)
         entries = []
-        for rel, caption, where in read_captions(self.captions_file):
+        listed = read_captions(self.captions_file)
+        for rel, caption, where in listed:
             if split_of(rel, cfg) != split:
                 continue
             if not (self.root / rel).is_file():
@@ -167,7 +200,7 @@ class FolderDataset(torch.utils.data.Dataset):
                 continue
             entries.append((rel, caption))
         if not entries and not self.skipped:
-            raise DataError(f"{self.captions_file}: no entries in split {split!r}")
+            raise DataError(empty_split_message(self.captions_file, [rel for rel, _, _ in listed], cfg, split))
         self.entries = entries
 
     def _bad(self, reason: str):

@@ -8,21 +8,27 @@ samples dropped under `on_error: skip`).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import torch
 from rich.console import Console
 
 from sorabench.config import require
-from sorabench.data.folder import FolderConfig, FolderDataset, collate_skipping
+from sorabench.data.folder import FolderConfig, FolderDataset, collate_skipping, content_fingerprint
 from sorabench.data.shapes import ShapesConfig, ShapesDataset
 
 LOADER_FIELDS = ("name", "batch_size", "num_workers")
 
 
 def clip_fields(data_cfg: dict) -> dict:
-    """The data config without how it is batched: what defines the clips, for cache keys."""
-    return {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
+    """The data config without how it is batched: what defines the clips, for cache keys. For a folder of videos
+    that includes its content (`folder.content_fingerprint`), not just its path: a file replaced in place gets new
+    latents, real statistics, VAE and evaluator."""
+    fields = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
+    if data_cfg.get("name") == "folder" and data_cfg.get("root") and Path(data_cfg["root"]).is_dir():
+        fields["content"] = content_fingerprint(data_cfg["root"])
+    return fields
 
 
 def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:

@@ -558,6 +558,8 @@ def main(cfg: DictConfig) -> int:
     if cfg.real_root or cfg.fake_root:
         require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
                 "give both folders")
+        for key in ("real_root", "fake_root"):  # every path first: before an evaluator is trained or a clip read
+            require(Path(cfg[key]).is_dir(), key, cfg[key], "no such directory")
         require(m.features != "evaluator" or m.get("evaluator_on_other_data", False), "metrics", m.features,
                 "the evaluator's features are trained on `shapes`, not on your videos: use metrics=i3d (standard "
                 "FVD), or set metrics.evaluator_on_other_data=true to apply them anyway")

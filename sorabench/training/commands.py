@@ -52,20 +52,32 @@ def write_result(run_dir: str | Path, result: dict):
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
-def load_checkpoint_module(cls, path: str | Path, kind: str):
-    """Load a LightningModule checkpoint of the expected kind, with a clear error for a missing or wrong file."""
+def read_checkpoint(path: str | Path, kind: str | None = None) -> dict:
+    """A sorabench checkpoint's contents (tensors and plain values only), or a one-line error naming the file: missing,
+    truncated or corrupt, holding objects beyond tensors, or of another kind than expected."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{kind or 'the'} checkpoint {path} does not exist")
     try:
         # weights_only: a checkpoint is data; unpickling arbitrary objects could run code.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConfigError(f"{path}: refused to load, it holds objects beyond tensors and plain values "
                           f"(weights_only=True): {str(e).splitlines()[0]}") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a cut-off zip archive, a file that is no checkpoint
+        raise ConfigError(f"{path}: not a readable checkpoint, truncated or corrupt "
+                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from e
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path}: not a sorabench checkpoint (holds a {type(ckpt).__name__})")
     found = ckpt.get("sorabench_kind")
-    if found != kind:
+    if kind is not None and found != kind:
         raise ConfigError(f"{path} is a {found or 'non-sorabench'} checkpoint, expected a {kind} checkpoint")
+    return ckpt
+
+
+def load_checkpoint_module(cls, path: str | Path, kind: str):
+    """Load a LightningModule checkpoint of the expected kind, with a clear error for a missing or wrong file."""
+    read_checkpoint(path, kind)
     return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
@@ -77,6 +89,23 @@ class TagCheckpointKind(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["sorabench_kind"] = self.kind
+
+
+class EmbedVAE(L.Callback):
+    """Writes the VAE that decodes a DiT's latents into every DiT checkpoint (its weights, its hyperparameters and
+    two SHA-256s: of the VAE checkpoint file, the identity that keys the latent caches, and of the weights, checked
+    on load), so `sample`/`evaluate` need only the DiT checkpoint, from any directory and on any machine. The VAE is
+    small (a few MB) next to what a lost or moved VAE file costs."""
+
+    def __init__(self, vae_ckpt: str | Path, vae):
+        from sorabench.metrics.features import file_sha256, state_dict_sha256
+
+        self.embedded = {"state_dict": {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()},
+                         "hyper_parameters": dict(vae.hparams), "file_sha256": file_sha256(vae_ckpt),
+                         "weights_sha256": state_dict_sha256(vae), "source": str(vae_ckpt)}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["sorabench_vae"] = self.embedded
 
 
 # ---- VAE -------------------------------------------------------------------------------------------------------
@@ -190,14 +219,14 @@ def load_vae(path: str | Path):
 
 
 def encode(cfg: DictConfig) -> int:
-    """`sorabench encode vae=<ckpt> data=<...> splits=[train,val]`: write the latent caches."""
-    vae = load_vae(cfg.vae)
+    """`sorabench encode vae_ckpt=<ckpt> data=<...> splits=[train,val]`: write the latent caches."""
+    vae = load_vae(cfg.vae_ckpt)
     data = to_container(cfg.data)
     for split in cfg.splits:
-        key = cache_key(cfg.vae, data, split)
+        key = cache_key(cfg.vae_ckpt, data, split)
         existed = cache_path(cfg.cache_dir, key).is_file()
         t0 = time.time()
-        cache = load_or_encode(vae, cfg.vae, data, split, cfg.cache_dir)
+        cache = load_or_encode(vae, cfg.vae_ckpt, data, split, cfg.cache_dir)
         what = "reused" if existed else f"encoded in {time.time() - t0:.1f} s"
         console.print(f"{split}: {len(cache['captions'])} clips {tuple(cache['mean'].shape[1:])} {what} "
                       f"-> {cache_path(cfg.cache_dir, key)}")
@@ -218,14 +247,9 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
     if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
-        from sorabench.metrics.evaluate import check_guidance_axis
+        from sorabench.metrics.evaluate import check_guidance_axis, check_metrics_config
 
         check_guidance_axis(cfg.metrics)
-    if cfg.mlflow.enabled:
-        check_tracking_uri(cfg.mlflow.tracking_uri)
-    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
-        from sorabench.metrics.evaluate import check_metrics_config
-
         check_metrics_config(cfg)
     from sorabench.models.dit import check_patch_size
     from sorabench.models.vae import build_vae
@@ -234,6 +258,11 @@ def validate_train_config(cfg: DictConfig):
     if cfg.data.name == "folder":  # index and probe the user's files now (cheap), not minutes into training
         for split in ("train", "val"):
             build_dataset(to_container(cfg.data), split)
+    evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
+    if evaluating and cfg.metrics.features == "evaluator" and cfg.data.name != "shapes":
+        raise ConfigError(f"metrics=evaluator needs data=shapes (its attribute labels); with data={cfg.data.name} use "
+                          "metrics=i3d (standard FVD), metrics=torchscript (your feature network files) or "
+                          "evaluate.enabled=false")
     try:
         latent = build_vae(**to_container(cfg.vae.model)).latent_shape(data.num_frames, data.height, data.width)
     except ValueError as e:
@@ -242,6 +271,8 @@ def validate_train_config(cfg: DictConfig):
         check_patch_size(latent[1:], tuple(cfg.dit.patch_size))
     except ValueError as e:
         raise ConfigError(f"dit.patch_size={list(cfg.dit.patch_size)}: {e}") from e
+    if cfg.mlflow.enabled:  # last: the only check that may reach out to a server
+        check_tracking_uri(cfg.mlflow.tracking_uri)
 
 
 def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModule:
@@ -310,7 +341,8 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     label = strategy_label(cfg.conditioning.name, cfg.conditioning.get("timestep"))
     logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": label},
                          parent_run_id=parent_run_id)
-    trainer = build_trainer(cfg, logger, [*training_callbacks(cfg, val_cache), *callbacks], monitor="val/loss")
+    callbacks = [EmbedVAE(vae_ckpt, vae), *training_callbacks(cfg, val_cache), *callbacks]
+    trainer = build_trainer(cfg, logger, callbacks, monitor="val/loss")
     t0 = time.time()
     fit(trainer, module, LatentDataModule(train_cache, val_cache, cfg.data.batch_size), run_dir)
     train_seconds = time.time() - t0
@@ -357,10 +389,49 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
         ensure_evaluator(cfg)
 
 
+def embedded_vae(embedded: dict, path: str | Path):
+    """The VAE a DiT checkpoint carries (`EmbedVAE`), after checking its weights against their SHA-256."""
+    from sorabench.metrics.features import state_dict_sha256
+    from sorabench.training.vae_module import VAEModule
+
+    vae = VAEModule(**embedded["hyper_parameters"])
+    vae.load_state_dict(embedded["state_dict"])
+    found = state_dict_sha256(vae)
+    if found != embedded["weights_sha256"]:
+        raise ConfigError(f"{path}: the embedded VAE's weights have SHA-256 {found[:12]}..., the checkpoint records "
+                          f"{embedded['weights_sha256'][:12]}...: the file is corrupt or was edited")
+    return vae.eval()
+
+
 def load_dit(path: str | Path) -> DiTModule:
-    module = load_checkpoint_module(DiTModule, path, "dit").eval()
-    module.attach_vae(load_vae(module.hparams.vae_ckpt))
+    """A DiT checkpoint with its VAE attached: the embedded one, or (checkpoints from before embedding) the VAE
+    checkpoint its hyperparameters name."""
+    ckpt = read_checkpoint(path, "dit")
+    module = DiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    if "sorabench_vae" in ckpt:
+        module.attach_vae(embedded_vae(ckpt["sorabench_vae"], path))
+    else:
+        vae_ckpt = Path(module.hparams.vae_ckpt)
+        if not vae_ckpt.is_file():
+            raise FileNotFoundError(f"{path} names its VAE checkpoint {vae_ckpt}, which does not exist from "
+                                    f"{Path.cwd()} (checkpoints written since the VAE is embedded need no such file)")
+        module.attach_vae(load_vae(vae_ckpt))
     return module
+
+
+def warn_truncated_prompts(module: DiTModule, prompts: list[str]):
+    """Say so when a prompt is longer than the text encoder reads (text_encoder.max_length tokens): the rest is cut."""
+    import sys
+
+    limit = int(module.hparams.text_encoder.get("max_length", 32))
+    for p in sorted(set(prompts)):
+        if module.learned_text is not None:
+            n = 1 + len(module.learned_text.words(p))  # [CLS] + words
+        else:
+            n = len(module.frozen_text().tokenizer(p)["input_ids"])
+        if n > limit:
+            print(f"warning: prompt {p[:40]!r}... is {n} tokens long; the text encoder reads only the first {limit} "
+                  f"(text_encoder.max_length of this checkpoint), the rest is ignored", file=sys.stderr)
 
 
 def sample(cfg: DictConfig) -> int:
@@ -369,8 +440,13 @@ def sample(cfg: DictConfig) -> int:
 
     require(cfg.cfg >= 0, "cfg", cfg.cfg, "the guidance scale must be >= 0")
     require(cfg.n >= 1 and cfg.steps >= 1, "n/steps", (cfg.n, cfg.steps), "must be >= 1")
-    module = load_dit(cfg.ckpt)
     prompts = [cfg.prompt] * cfg.n if isinstance(cfg.prompt, str) else list(cfg.prompt)
+    for p in prompts:
+        require(isinstance(p, str) and p.strip() != "", "prompt", p,
+                "is empty: give a caption, e.g. prompt=\"a red circle moving left\" (an empty caption is not the "
+                "model's learned unconditional (null) condition)")
+    module = load_dit(cfg.ckpt)
+    warn_truncated_prompts(module, prompts)
     videos = module.sample_videos(prompts, steps=cfg.steps, guidance_scale=cfg.cfg, seed=cfg.seed)
     out = Path(cfg.out)
     for i, (prompt, video) in enumerate(zip(prompts, videos)):

@@ -1,4 +1,4 @@
-"""The Lightning Trainer every command uses: checkpoints that survive a crash, resume by rerunning, Rich progress.
+"""The Lightning Trainer every command uses: checkpoints that survive a crash, resume by rerunning, a step progress bar.
 
 - `last.ckpt` is rewritten every `trainer.checkpoint_every_n_steps` steps and at the end, always atomically
   (written to a temporary file, then renamed), so a run killed mid-write never leaves a half-written checkpoint.
@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -46,6 +48,64 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        self.train_ended = False
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)  # the average goes into the module: what is evaluated and sampled
+        self.train_ended = True
+
+    def on_fit_end(self, trainer, pl_module):
+        # A run resumed from a checkpoint at max_steps (e.g. after a crash in teardown) skips the training loop, so
+        # on_train_end never ran and the module still holds the raw weights the checkpoint restored: put the
+        # average in, so a resumed run evaluates exactly what an uninterrupted one does.
+        if not self.train_ended and self._average_model is not None:
+            self._copy_average_to_current(pl_module)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's plain tqdm bar, counting optimizer steps out of `trainer.max_steps` in step-based training (an
+    epoch count means nothing there), and guarded: an error inside the bar turns it off with a warning and never
+    ends the run (Rich's live display once crashed a 9-minute run in its teardown, losing the final evaluation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.broken = False
+        for name in dir(L.Callback):
+            if name.startswith("on_") or name in ("setup", "teardown"):
+                setattr(self, name, self._guarded(getattr(self, name)))
+
+    def _guarded(self, hook):
+        @functools.wraps(hook)
+        def run(*args, **kwargs):
+            if self.broken:
+                return None
+            try:
+                return hook(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a display must not end a training run
+                self.broken = True
+                print(f"warning: the progress bar failed ({type(e).__name__}: {e}); training continues without it",
+                      file=sys.stderr)
+                return None
+
+        return run
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:
+            bar = self.train_progress_bar
+            bar.total, bar.n = trainer.max_steps, trainer.global_step
+            bar.set_description(f"epoch {trainer.current_epoch}, step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -88,7 +148,7 @@ def build_trainer(
     if isinstance(val_every, int) and t.max_steps > 0:
         val_every = min(val_every, t.max_steps)  # a run shorter than the interval still validates once, at its end
     if t.progress_bar:
-        callbacks.append(RichProgressBar())
+        callbacks.append(StepProgressBar())
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -145,7 +145,7 @@ class VAEModule(L.LightningModule):
         self.scale_factor.fill_(trainer.strategy.broadcast(self.compute_scale_factor(loader), src=0))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.last_model_path:
-            trainer.save_checkpoint(checkpoint.last_model_path)
+            trainer.save_checkpoint(checkpoint.last_model_path, weights_only=False)  # full: resumable
 
     @torch.no_grad()
     def encode_latents(self, video: Tensor) -> tuple[Tensor, Tensor]:
