@@ -219,7 +219,8 @@ def four_videos(tmp_path):
 def test_own_videos_fail_before_compute_saying_what_to_change(tiny_overrides, four_videos, capsys, caplog):
     import logging
 
-    overrides = [o for o in tiny_overrides if not o.startswith("data.split_sizes")]
+    # data=folder defaults to metrics=i3d, which has no `evaluator` settings
+    overrides = [o for o in tiny_overrides if not o.startswith(("data.split_sizes", "metrics.evaluator."))]
     folder = ["data=folder", f"data.root={four_videos}"]
     assert main(["data", "check", *folder]) == 0
     assert "warning" in capsys.readouterr().out
@@ -227,8 +228,8 @@ def test_own_videos_fail_before_compute_saying_what_to_change(tiny_overrides, fo
     err = one_line_error(capsys)
     assert "data.val_fraction" in err and "split 'val'" in err and nothing_trained(tiny_overrides)
     folder += ["data.val_fraction=0.5", "data.test_fraction=0"]
-    assert main(["train", *overrides, *folder]) == 2  # the default metrics=evaluator cannot read folder videos
-    assert "metrics=evaluator needs data=shapes" in one_line_error(capsys) and nothing_trained(tiny_overrides)
+    assert main(["train", *overrides, *folder, "metrics=evaluator"]) == 2  # it cannot read folder videos
+    assert "data=folder with metrics=evaluator" in one_line_error(capsys) and nothing_trained(tiny_overrides)
     # Checkpoints are written and read as data only: Lightning never falls back to weights_only=False.
     with caplog.at_level(logging.INFO):
         assert main(["train", *overrides, *folder, "evaluate.enabled=false", "mlflow.enabled=false"]) == 0
@@ -255,7 +256,7 @@ def test_replacing_a_video_in_place_invalidates_latents_and_real_statistics(four
         from sorabench.data.module import clip_fields
 
         return {"feature_net": "evaluator", "feature_sha256": "0", "n_real": 4, "n_generated": 4, "num_frames": 8,
-                "frame_stride": 1, "resolution": 32, "real_split": f"folder:{config_key(clip_fields(data))}/val",
+                "frame_stride": 1, "clip_start": "first", "resolution": 32, "real_split": f"folder:{config_key(clip_fields(data))}/val",
                 "seed": 0}
 
     stats = {"sum": torch.zeros(3), "outer": torch.zeros(3, 3), "n": torch.tensor(4)}
