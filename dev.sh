@@ -30,6 +30,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 case "${1:-}" in
   ablation) shift; exec "$VENV/bin/sorabench" sweep sweep=conditioning_ablation "$@" ;;
+  ablation-long) shift; exec "$VENV/bin/sorabench" sweep sweep=conditioning_ablation_long "$@" ;;
   test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
   "") exec "$VENV/bin/sorabench" --help ;;
   *) exec "$VENV/bin/sorabench" "$@" ;;
