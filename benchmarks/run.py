@@ -49,6 +49,7 @@ FULL = dict(
     matmul_n=2048, matmul_repeats=7,
     compile=True, compile_repeats=7,
     loop_batch=16, loop_clips=4096, loop_steps=320, loop_order=["cold", "before", "warm", "before", "warm"],
+    grid_seeds=[0, 1], grid_steps=300, grid_workers=2,
     end_to_end=True,
 )  # fmt: skip
 QUICK = dict(
@@ -60,6 +61,7 @@ QUICK = dict(
     matmul_n=512, matmul_repeats=3,
     compile=False, compile_repeats=0,
     loop_batch=4, loop_clips=64, loop_steps=24, loop_order=["cold", "before", "warm"],
+    grid_seeds=[0], grid_steps=10, grid_workers=2,
     end_to_end=False,
 )  # fmt: skip
 
@@ -346,6 +348,50 @@ def bench_training_loop(s: dict) -> list[Row]:
     return rows
 
 
+def bench_grid_workers(s: dict) -> list[Row]:
+    """The embedded ablation's grid (its strategies, recipe and batch; `grid_seeds`, `grid_steps` steps per trial,
+    no evaluation) trained by `sorabench sweep` as a user runs it, once one trial at a time on every core
+    (workers=1) and once with k local workers of cores/k threads each (workers=k), one after the other in this
+    process on the same shared assets: training clips per second for the whole grid, trial start-up, Lightning and
+    MLflow included."""
+    from omegaconf import open_dict
+
+    from sorabench.config import compose_config
+    from sorabench.sweep import main as sweep_main
+
+    cores, k = torch.get_num_threads(), s["grid_workers"]
+    overrides = [f"trainer.max_steps={s['grid_steps']}", f"trainer.val_check_interval={s['grid_steps']}",
+                 "evaluate.enabled=false", "evaluate.every_n_steps=null", "sample.log_every_n_val=0",
+                 "vae.max_steps=20", "trainer.progress_bar=false"]
+    rates, rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="sorabench-grid-") as out:
+        for workers in (1, k):
+            cfg = compose_config("sweep", [f"outputs={out}", "sweep=conditioning_ablation", f"study=grid-w{workers}",
+                                           f"sweep.seeds={s['grid_seeds']}", f"workers={workers}",
+                                           f"threads={max(1, cores // workers)}", "report=false"], command="sweep")
+            with open_dict(cfg):
+                cfg.overrides = overrides
+            if workers == 1:  # shared assets and caches first, outside the timing
+                from sorabench.sweep import trial_config
+                from sorabench.training.commands import prepare_shared_assets
+
+                first = {"conditioning": "adaln_zero", "seed": s["grid_seeds"][0]}
+                prepare_shared_assets(trial_config(cfg, OmegaConf.to_container(cfg.sweep, resolve=True), first,
+                                                   "grid-check"), caches=True)
+            trials = len(cfg.sweep.params.conditioning.choices) * len(s["grid_seeds"])
+            t0 = time.perf_counter()
+            sweep_main(cfg)
+            wall = time.perf_counter() - t0
+            torch.set_num_threads(cores)
+            rates[workers] = trials * s["grid_steps"] * int(compose_config("train", []).data.batch_size) / wall
+            rows.append(Row("13 grid throughput", f"workers={workers}, {max(1, cores // workers)} thread(s) each: "
+                            f"{trials} trials × {s['grid_steps']} steps", f"{rates[workers]:.4g}", "clips/s",
+                            f"{wall:.1f} s wall for the grid"))
+    rows.append(Row("13 grid throughput", f"workers={k} / workers=1", f"{rates[k] / rates[1]:.3g}", "×",
+                    "same grid, shared assets and machine, one after the other in this process"))
+    return rows
+
+
 def bench_end_to_end(s: dict) -> list[Row]:
     """The main job as a user runs it (`sorabench sweep sweep=conditioning_ablation`, README's first command) in a
     fresh output folder: VAE, evaluator, 9 DiT trials, evaluation and the report."""
@@ -476,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         10: ("compile: true vs eager", lambda: bench_compile(sizes)),
         11: ("training loop vs bare step, before/now", lambda: bench_training_loop(sizes)),
         12: ("end-to-end ablation", lambda: bench_end_to_end(sizes)),
+        13: ("grid throughput: one trial at a time vs local workers", lambda: bench_grid_workers(sizes)),
     }
     chosen = sorted(stages) if args.only is None else sorted(int(x) for x in args.only.split(","))
     chosen = sorted({*chosen, *([2] if 3 in chosen else []), *([4] if 6 in chosen else [])})
