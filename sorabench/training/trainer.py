@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -19,20 +18,15 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sorabench.config import ConfigError
+from sorabench.files import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<path>.tmp`, fsync, then os.replace: readers only ever see a complete file."""
+    """torch.save to a temporary file, fsync, then os.replace (`sorabench.files`): readers only ever see a complete
+    file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_save(checkpoint, path)
 
 
 class EMA(WeightAveraging):
