@@ -193,3 +193,27 @@ def test_postgres_test_fails_on_ci_without_a_server(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         postgres_url()
+
+
+def test_ddp_ranks_draw_different_noise():
+    """Case 2: with one seed_everything(seed) in every rank, the global batch had one rank's worth of draws."""
+    from types import SimpleNamespace
+
+    from sorabench.training.commands import training_callbacks
+    from sorabench.training.trainer import SeedPerRank
+
+    cfg = compose_config("train", ["sample.log_every_n_val=0", "ema.enabled=false"], command="train")
+    seeders = [c for c in training_callbacks(cfg, {}) if isinstance(c, SeedPerRank)]
+    assert len(seeders) == 1 and seeders[0].seed == cfg.seed
+
+    def draws(rank, world_size=2):
+        torch.manual_seed(cfg.seed)  # what seed_everything(cfg.seed) leaves in every rank
+        seeders[0].on_train_start(SimpleNamespace(world_size=world_size, global_rank=rank), None)
+        return torch.randn(8), torch.rand(8)  # noise and timesteps / caption-dropout draws
+
+    (n0, t0), (n1, t1) = draws(0), draws(1)
+    assert not torch.equal(n0, n1) and not torch.equal(t0, t1)
+    assert torch.equal(draws(1)[0], n1)  # reproducible per rank
+    torch.manual_seed(cfg.seed)
+    expected = torch.randn(8)
+    assert torch.equal(draws(0, world_size=1)[0], expected)  # one process: unchanged

@@ -24,7 +24,7 @@ from sorabench.files import atomic_save, atomic_write_text, file_lock
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
 from sorabench.tracking import check_tracking_uri, make_logger
 from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
-from sorabench.training.trainer import EMA, build_trainer, fit, last_checkpoint
+from sorabench.training.trainer import EMA, SeedPerRank, build_trainer, fit, last_checkpoint
 
 console = Console()
 RESULT_FILE = "result.json"
@@ -251,7 +251,7 @@ def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModul
 def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
     from sorabench.training.dit_module import LogSampleVideos
 
-    callbacks = [TagCheckpointKind("dit")]
+    callbacks = [TagCheckpointKind("dit"), SeedPerRank(cfg.seed)]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
         callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))  # before EMA: see its docstring
     if cfg.ema.enabled:

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -40,6 +42,24 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
+
+
+class SeedPerRank(L.Callback):
+    """Under DDP every rank draws its own noise, timesteps, caption-dropout masks and posterior samples: when
+    training starts, each rank reseeds with `seed * world_size + rank` (as DiT's train.py does). One
+    `seed_everything(seed)` in every rank would give the global batch only one rank's worth of distinct draws.
+    The model's init stays `seed` in every rank, and Lightning's DistributedSampler keeps its own seed
+    (PL_GLOBAL_SEED), so the ranks still split the clips between them. A single process is left as it was."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            seed = self.seed * trainer.world_size + trainer.global_rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
