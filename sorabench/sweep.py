@@ -503,7 +503,9 @@ class DDPFollower:
         return 0
 
 
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig, subcommand: str | None = None) -> int:
+    if subcommand == "status":
+        return status(cfg)
     sweep = to_container(cfg.sweep)
     require(sweep.get("mode") in ("grid", "search"), "sweep.mode", sweep.get("mode"), "must be grid or search")
     parse_space(sweep)
@@ -565,6 +567,109 @@ def main(cfg: DictConfig) -> int:
                                          f"metric={sweep['objectives'][0]['metric']}"], command="report")
         report_main(rcfg)
         console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1")
+    return 0
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, study_name: str) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat (trial number -> age), measured by the database's clock."""
+    import sqlalchemy
+    from optuna.storages._rdb import models  # Optuna keeps heartbeats in its schema, without a public getter
+
+    query = (sqlalchemy.select(models.TrialModel.number, models.TrialHeartbeatModel.heartbeat)
+             .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+             .join(models.StudyModel, models.StudyModel.study_id == models.TrialModel.study_id)
+             .where(models.StudyModel.study_name == study_name))
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp())).scalar()
+        rows = conn.execute(query).all()
+    if isinstance(now, str):  # SQLite returns text
+        from datetime import datetime
+
+        now = datetime.fromisoformat(now)
+    return {number: (now - beat).total_seconds() for number, beat in rows}
+
+
+def mlflow_children(cfg: DictConfig) -> dict[str, dict]:
+    """The study's MLflow child runs by run name: status and objective metrics."""
+    if not cfg.mlflow.enabled:
+        return {}
+    import mlflow
+
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.study)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
+                              max_results=10000)
+    return {r.data.tags.get("mlflow.runName", r.info.run_name): {"status": r.info.status, **r.data.metrics}
+            for r in runs}
+
+
+def status_rows(cfg: DictConfig, sweep: dict, study: optuna.Study, storage) -> list[dict]:
+    """One row per grid cell (its latest trial; the cells not queued yet too) or per search trial."""
+    from datetime import datetime
+
+    trials = [t for t in study.get_trials(deepcopy=False) if SPARE not in t.user_attrs]
+    ages = heartbeat_ages(storage, cfg.study)
+    runs = mlflow_children(cfg)
+    metric = sweep["objectives"][0]["metric"]
+    rows = []
+    if sweep["mode"] == "grid":
+        keys = list(grid_space(sweep))
+        by_cell: dict[str, list] = {}
+        for t in trials:
+            by_cell.setdefault(trial_cell(t, keys), []).append(t)
+        groups = [(cell_id(c), by_cell.get(cell_id(c), [])) for c in grid_cells(sweep)]
+        groups += [(c, ts) for c, ts in by_cell.items() if c is not None and c not in dict(groups)]
+    else:
+        groups = [(f"trial-{RetryHeartbeatStaleTrialCallback.retried_trial_number(t) or t.number}", [t])
+                  for t in trials]
+    for cell, ts in groups:
+        t = max(ts, key=lambda x: x.number) if ts else None
+        row = {"cell": cell, "trial": "" if t is None else t.number, "state": "NOT QUEUED" if t is None else
+               t.state.name, "host": "", "heartbeat": "", "retries": max(len(ts) - 1, 0), "wall": "",
+               "objective": "", "mlflow": ""}
+        if t is not None:
+            row["host"] = str(t.user_attrs.get("host", ""))
+            if t.state == TrialState.RUNNING and t.number in ages:
+                row["heartbeat"] = f"{ages[t.number]:.0f} s ago"
+            if t.datetime_start is not None:
+                end = t.datetime_complete or datetime.now()
+                row["wall"] = f"{(end - t.datetime_start).total_seconds():.0f} s"
+            if t.values:
+                row["objective"] = ", ".join(f"{v:.4g}" for v in t.values)
+            run = runs.get(t.user_attrs.get("run_name") or f"{cfg.study}/{cell}")
+            if run:
+                row["mlflow"] = run["status"] + (f" {metric}={run[metric]:.4g}" if metric in run else "")
+            if t.state == TrialState.FAIL:
+                row["state"] += " (final)" if FINAL_FAILURE in t.user_attrs else " (reruns)"
+        rows.append(row)
+    return rows
+
+
+def status(cfg: DictConfig) -> int:
+    """`sorabench sweep status [sweep=...] [study=...] [storage=...]`: the table of every cell of a study."""
+    from rich.table import Table
+
+    sweep = to_container(cfg.sweep)
+    parse_space(sweep)
+    storage = make_storage(cfg)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError as e:
+        raise ConfigError(f"study={cfg.study!r}: no such study in {cfg.storage}") from e
+    rows = status_rows(cfg, sweep, study, storage)
+    table = Table(title=f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}")
+    for col in ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    console.print(table, width=None if console.is_terminal else 160)  # a log file gets the whole table
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
 

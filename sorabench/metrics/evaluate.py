@@ -170,7 +170,8 @@ def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluat
     fake = take_clips(fake, m)
     bs = int(m.batch_size)
 
-    fvd = FrechetVideoDistance(video_net)
+    # One process evaluates (rank 0 after a DDP fit, while the other ranks wait): no sync across processes.
+    fvd = FrechetVideoDistance(video_net, sync_on_compute=False)
     cached = load_real_statistics(m.stats_cache_dir, fields)
     if cached is None:
         for i in range(0, n_real, bs):
@@ -185,6 +186,7 @@ def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluat
     frames_per_clip = real_video.shape[2]
     fid = frame_fid(frame_net)
     kid = frame_kid(frame_net, n_real * frames_per_clip, len(fake) * frames_per_clip, subsets=int(m.kid_subsets))
+    fid.sync_on_compute = kid.sync_on_compute = False
     for metric in (fid, kid):
         for i in range(0, n_real, bs):
             metric.update(clips_to_frames(real_video[i : i + bs]), real=True)
