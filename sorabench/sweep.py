@@ -662,10 +662,10 @@ def status(cfg: DictConfig) -> int:
     rows = status_rows(cfg, sweep, study, storage)
     table = Table(title=f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}")
     for col in ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("cell", "state"))
     for r in rows:
         table.add_row(*(str(v) for v in r.values()))
-    console.print(table, width=None if console.is_terminal else 160)  # a log file gets the whole table
+    console.print(table, width=None if console.is_terminal else 200)  # a log file gets the whole table
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

@@ -217,3 +217,50 @@ def test_ddp_ranks_draw_different_noise():
     torch.manual_seed(cfg.seed)
     expected = torch.randn(8)
     assert torch.equal(draws(0, world_size=1)[0], expected)  # one process: unchanged
+
+
+def test_sweep_status_lists_every_cell(tmp_path, fake_train, capsys):
+    from sorabench.cli import main as cli_main
+
+    two = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
+    fake_train.fail = {("in_context", 0): OSError("disk full")}
+    assert sweep_main(sweep_cfg(tmp_path, *two)) == 0
+    capsys.readouterr()
+    assert cli_main(["sweep", "status", f"outputs={tmp_path}", "mlflow.enabled=false", *two,
+                     "sweep.seeds=[0,1]"]) == 0
+    out = capsys.readouterr().out
+    for cell in ("adaln_zero-seed0", "in_context-seed0", "adaln_zero-seed1", "in_context-seed1"):
+        assert cell in out
+    assert "COMPLETE" in out and "FAIL (reruns)" in out and "NOT QUEUED" in out
+    assert "1 COMPLETE, 1 FAIL (reruns), 2 NOT QUEUED" in out
+    assert cli_main(["sweep", "status", f"outputs={tmp_path}", "study=nope"]) == 2  # one line, exit 2
+
+
+@pytest.mark.slow
+def test_ddp_trials_inside_a_sweep_train_the_same_cell_on_every_rank(tmp_path):
+    """Case 1: Lightning's DDP launcher reruns the command line for rank 1; it used to ask Optuna for a trial of its
+    own and join rank 0 with a different model. Two CPU processes (gloo), two strategies."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+    from tests.test_sweep import children
+
+    overrides = ",".join(json.dumps(o) for o in [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
+    cmd = [sys.executable, "-m", "sorabench.cli", "sweep", f"outputs={tmp_path}", "report=false",
+           "sweep.params.conditioning.choices=[adaln_zero,cross_attention]", "sweep.seeds=[0]",
+           f"overrides=[{overrides}]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "DDP expects same model" not in out
+    study = optuna.load_study(study_name="conditioning_ablation", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for cell in ("adaln_zero-seed0", "cross_attention-seed0"):
+        result = json.loads((tmp_path / "train" / "conditioning_ablation" / cell / "result.json").read_text())
+        assert result["world_size"] == 2
+    _, parents, kids = children(f"sqlite:///{tmp_path}/mlflow.db", "conditioning_ablation")
+    assert len(parents) == 1 and len(kids) == 2  # rank 1 never opened a run of its own
+    assert parents[0].info.status == "FINISHED"

@@ -161,6 +161,11 @@ def real_clips(data_cfg: dict, m: DictConfig) -> dict:
 
 
 @torch.no_grad()
+def one_process() -> bool:
+    """torchmetrics' `distributed_available_fn` for metrics that one process computes alone."""
+    return False
+
+
 def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluator, fields: dict,
                     prompt_labels: torch.Tensor | None, prompt_unseen: torch.Tensor | None) -> dict[str, float]:
     """FVD, FID, KID (and alignment when an evaluator and prompt labels are given) of `fake` clips vs `real`."""
@@ -171,7 +176,7 @@ def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluat
     bs = int(m.batch_size)
 
     # One process evaluates (rank 0 after a DDP fit, while the other ranks wait): no sync across processes.
-    fvd = FrechetVideoDistance(video_net, sync_on_compute=False)
+    fvd = FrechetVideoDistance(video_net, distributed_available_fn=one_process)
     cached = load_real_statistics(m.stats_cache_dir, fields)
     if cached is None:
         for i in range(0, n_real, bs):
@@ -186,7 +191,7 @@ def evaluate_videos(fake: torch.Tensor, real: dict, m: DictConfig, nets, evaluat
     frames_per_clip = real_video.shape[2]
     fid = frame_fid(frame_net)
     kid = frame_kid(frame_net, n_real * frames_per_clip, len(fake) * frames_per_clip, subsets=int(m.kid_subsets))
-    fid.sync_on_compute = kid.sync_on_compute = False
+    fid.distributed_available_fn = kid.distributed_available_fn = one_process
     for metric in (fid, kid):
         for i in range(0, n_real, bs):
             metric.update(clips_to_frames(real_video[i : i + bs]), real=True)
