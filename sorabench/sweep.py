@@ -623,12 +623,13 @@ def status_rows(cfg: DictConfig, sweep: dict, study: optuna.Study, storage) -> l
         groups = [(cell_id(c), by_cell.get(cell_id(c), [])) for c in grid_cells(sweep)]
         groups += [(c, ts) for c, ts in by_cell.items() if c is not None and c not in dict(groups)]
     else:
-        groups = [(f"trial-{RetryHeartbeatStaleTrialCallback.retried_trial_number(t) or t.number}", [t])
-                  for t in trials]
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number
+        groups = [(f"trial-{t.number if first(t) is None else first(t)}", [t]) for t in trials]
     for cell, ts in groups:
         t = max(ts, key=lambda x: x.number) if ts else None
         row = {"cell": cell, "trial": "" if t is None else t.number, "state": "NOT QUEUED" if t is None else
-               t.state.name, "host": "", "heartbeat": "", "retries": max(len(ts) - 1, 0), "wall": "",
+               t.state.name, "host": "", "heartbeat": "", "wall": "",
+               "retries": max(len(ts) - 1, len(t.system_attrs.get("retry_history", [])) if t else 0),
                "objective": "", "mlflow": ""}
         if t is not None:
             row["host"] = str(t.user_attrs.get("host", ""))
@@ -661,10 +662,11 @@ def status(cfg: DictConfig) -> int:
         raise ConfigError(f"study={cfg.study!r}: no such study in {cfg.storage}") from e
     rows = status_rows(cfg, sweep, study, storage)
     table = Table(title=f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}")
-    for col in ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow"):
+    columns = ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow")
+    for col in columns:
         table.add_column(col, no_wrap=col in ("cell", "state"))
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        table.add_row(*(str(r[c]) for c in columns))
     console.print(table, width=None if console.is_terminal else 200)  # a log file gets the whole table
     counts = {}
     for r in rows:
