@@ -538,24 +538,22 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     objective = make_objective(cfg, sweep, parent_run_id, ddp=ddp)
     start = time.time()
     set_parent_status(cfg, parent_run_id, "RUNNING")
-    try:
-        while True:
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
-            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-            done, running = finished_count(study)
-            if sweep["mode"] == "grid":  # every cell is queued: run what waits, wait for what runs elsewhere
-                more, work = waiting > 0, waiting + running > 0
-            else:
-                more, work = waiting > 0 or done + running < target, done < target
-            if not work:
-                break
-            if more:
-                study.optimize(objective, n_trials=1, catch=(Exception,))
-            else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
-                time.sleep(cfg.heartbeat_interval)
-    finally:
-        if ddp:
-            DDPFollower.stop()
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        done, running = finished_count(study)
+        if sweep["mode"] == "grid":  # every cell is queued: run what waits, wait for what runs elsewhere
+            more, work = waiting > 0, waiting + running > 0
+        else:
+            more, work = waiting > 0 or done + running < target, done < target
+        if not work:
+            break
+        if more:
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+        else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
+            time.sleep(cfg.heartbeat_interval)
+    if ddp:  # (after an interrupt, Lightning's launcher has already stopped the other ranks)
+        DDPFollower.stop()
     set_parent_status(cfg, parent_run_id, "FINISHED")
     console.print(f"study {cfg.study!r}: {target} trials finished; this worker ran for {time.time() - start:.0f} s")
     print_results(study)
