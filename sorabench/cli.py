@@ -29,6 +29,7 @@ COMMANDS = {
     "report": ("report", "sorabench.report:main", "compare strategies from MLflow runs: tables, tests, plots"),
 }
 SUBCOMMANDS = {"data": ("preview", "check")}
+OPTIONAL_SUBCOMMANDS = {"sweep": ("status",)}  # `sorabench sweep ...` runs a sweep; `sweep status` shows one
 
 USAGE = """usage: sorabench <command> [subcommand] [key=value ...] [--cfg job] [--help]
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args or args[0] not in SUBCOMMANDS[command]:
             print(f"error: sorabench {command} needs one of: {', '.join(SUBCOMMANDS[command])}", file=sys.stderr)
             return 2
+        subcommand, args = args[0], args[1:]
+    elif args and args[0] in OPTIONAL_SUBCOMMANDS.get(command, ()):
         subcommand, args = args[0], args[1:]
     print_cfg = False
     if "--cfg" in args:

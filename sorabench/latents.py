@@ -16,6 +16,7 @@ import torch
 from sorabench.config import config_key
 from sorabench.data.folder import collate_skipping
 from sorabench.data.module import build_dataset, clip_fields
+from sorabench.files import atomic_save
 from sorabench.metrics.features import file_sha256
 
 
@@ -64,10 +65,9 @@ def load_or_encode(vae_module, vae_ckpt: str | Path, data_cfg: dict, split: str,
             raise ValueError(f"latent cache {path} holds key {cache.get('key')!r}, expected {key!r}: delete it")
         return cache
     cache = {**encode_split(vae_module, data_cfg, split), "key": key, "vae_ckpt": str(vae_ckpt), "split": split}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write leaves no half cache under the real key
+    # Atomic, under a temporary name of this writer's own: a crash mid-write leaves no half cache under the real
+    # key, and two sweep workers encoding the same split at once both succeed.
+    atomic_save(cache, path)
     return cache
 
 

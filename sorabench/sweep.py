@@ -11,17 +11,34 @@
   works on one study. Heartbeats mark a dead worker's trial failed; `RetryHeartbeatStaleTrialCallback` requeues it.
 - A trial's run directory (and so its checkpoint and MLflow run) is named after its grid cell, so a retried trial
   resumes the dead one's checkpoint and continues the same MLflow child run: nothing is duplicated or orphaned.
+- Grid cells are queued, not sampled: each worker, at start and under a study-wide lock (a file lock beside a SQLite
+  database, a PostgreSQL advisory lock), adds one WAITING trial per cell that has none and one retry per trial that
+  failed for a reason outside the model (an interrupt, a full disk, a race) — so rerunning the command resumes what
+  was interrupted, and adding seeds or choices to an existing study runs exactly the new cells. Workers pop WAITING
+  trials atomically (Optuna's storage), so no cell runs twice. A grid trial's cell is its user attr `cell`, not
+  Optuna params: a study's storage fixes a categorical parameter's choices for good, and Optuna's GridSampler
+  forgets the finished cells when the grid changes.
+- A failure caused by the model (a non-finite loss or objective) is final: rerunning would fail the same way.
+- Search: TPE's random state is set from (seed, trial number) before each trial, so workers and restarts propose
+  distinct trials and a sweep run by one worker is reproducible.
+- `trainer=ddp`: Lightning's launcher reruns this command once per extra rank; rank 0 owns the Optuna trial and
+  sends each trial's cell to the other ranks (`DDPFollower`), which never touch the study.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import math
 import os
 import random
 import re
+import socket
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -37,6 +54,7 @@ console = Console(soft_wrap=True)
 # Heartbeats and their retry callback are what distributed studies need; Optuna still labels them experimental.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 FINAL_FAILURE = "final_failure"  # user attr of a trial that failed for a reason a retry cannot fix
+SPARE = "spare"  # user attr of a trial that found no queued cell left when it started (two workers raced for it)
 
 
 def parse_space(sweep: dict) -> dict[str, dict]:
@@ -62,6 +80,136 @@ def grid_space(sweep: dict) -> dict[str, list]:
     return space
 
 
+def grid_cells(sweep: dict) -> list[dict]:
+    """Every cell of a grid sweep, in a fixed order (the product of the choices, seeds last)."""
+    space = grid_space(sweep)
+    return [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+
+
+def cell_id(values: dict) -> str:
+    """A cell's name: its values (seed last) joined, safe as a path part."""
+    parts = [str(v) for k, v in values.items() if k != "seed"] + [f"seed{values['seed']}"]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def cell_values(t) -> dict:
+    """A grid trial's cell {key: value} (params for a study made by sorabench before cells were queued)."""
+    return t.user_attrs.get("cell") or t.params
+
+
+def trial_cell(t, keys: list[str]) -> str | None:
+    """The grid cell a trial holds (None for a trial without one: a spare, or a trial of another grid)."""
+    values = cell_values(t)
+    if not all(k in values for k in keys):
+        return None
+    return cell_id({k: values[k] for k in keys})
+
+
+def retried_numbers(trials) -> set[int]:
+    """Numbers of the failed trials that a later trial retries (every step of each retry chain)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def needs_rerun(t, retried: set[int]) -> bool:
+    """A trial that failed for a reason outside the model (interrupt, dead worker past its retries, a full disk)
+    and that nothing retries yet: rerunning the command must run it again."""
+    return t.state == TrialState.FAIL and FINAL_FAILURE not in t.user_attrs and SPARE not in t.user_attrs \
+        and t.number not in retried
+
+
+def requeue(study: optuna.Study, t):
+    """Queue a retry of `t` with its params: the same run name, so it resumes t's checkpoint and MLflow run."""
+    RetryHeartbeatStaleTrialCallback(max_retry=None)(study, t)
+
+
+def schedule(study: optuna.Study, sweep: dict, n_cells: int | None = None) -> tuple[int, int]:
+    """Queue what this study still needs (call under `study_lock`): a retry of each trial that needs a rerun, and
+    for a grid one WAITING trial per cell that has no trial yet. Returns (retries, new cells) queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    reruns = [t for t in trials if needs_rerun(t, retried)]
+    for t in reruns:
+        requeue(study, t)
+    new = []
+    if sweep["mode"] == "grid":
+        space = grid_space(sweep)
+        keys = list(space)
+        taken = {trial_cell(t, keys) for t in trials}
+        cells = grid_cells(sweep)[:n_cells]
+        new = [c for c in cells if cell_id(c) not in taken]
+        for c in new:
+            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs={"cell": c}))
+    return len(reruns), len(new)
+
+
+@contextmanager
+def study_lock(cfg: DictConfig, storage: optuna.storages.RDBStorage):
+    """One worker at a time queues trials: a lock file beside a SQLite database, an advisory lock on PostgreSQL
+    (both work across machines that share the database)."""
+    url = cfg.storage
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"sorabench:{cfg.study}".encode()).digest()[:8], "big", signed=True)
+        with storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    elif url.startswith("sqlite:///"):
+        from sorabench.files import file_lock
+
+        with file_lock(url.removeprefix("sqlite:///") + f".{cfg.study}.lock"):
+            yield
+    else:  # another database: Optuna's own transactions only (rare duplicates possible when workers start at once)
+        yield
+
+
+def check_study_compatible(study: optuna.Study, sweep: dict):
+    """A sweep YAML that changes what the study's cells mean cannot be honoured: say so before any trial runs."""
+    space = parse_space(sweep)
+    keys = sorted([*space, "seed"])
+    shape = {"mode": sweep["mode"], "keys": keys, "objectives": [[o["metric"], o["direction"]] for o in
+                                                                    sweep["objectives"]]}
+    if sweep["mode"] == "search":  # TPE's categorical choices are fixed by the storage for the study's life
+        shape["choices"] = {k: v["choices"] for k, v in space.items() if "choices" in v}
+    old = study.user_attrs.get("sorabench.sweep")
+    if old is None:  # a study made before this attr existed: its trials' parameter names
+        names = {k for t in study.get_trials(deepcopy=False) for k in cell_values(t)}
+        if names and sweep["mode"] == "grid" and names != set(keys):
+            old = {**shape, "keys": sorted(names)}
+    if old is not None:
+        fields = (("mode", "sweep.mode"), ("keys", "sweep.params"), ("objectives", "sweep.objectives"),
+                  ("choices", "sweep.params (choices of a search)"))
+        for field, what in fields:
+            if old.get(field) != shape.get(field):
+                hint = "adding seeds or choices to a grid is fine" if shape["mode"] == "grid" else \
+                    "Optuna fixes a search's categorical choices for the life of its study"
+                raise ConfigError(
+                    f"{what}: study {study.study_name!r} was created with {old.get(field)}, this sweep has "
+                    f"{shape.get(field)}; its finished trials would not mean the same thing ({hint}). Keep {what} "
+                    "as it was, or start a new study with study=<name>")
+    study.set_user_attr("sorabench.sweep", shape)
+
+
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """TPE whose random state is set from (seed, trial number) before each trial. A fixed `seed` alone makes every
+    process (a second worker, a restart) draw the same sequence and propose the same parameters again; the trial
+    number is unique in a study, so proposals differ, and one worker running the sweep reproduces it."""
+
+    def __init__(self, seed: int = 0, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study, trial):
+        s = int.from_bytes(hashlib.sha256(f"{self._base_seed}:{trial.number}".encode()).digest()[:4], "big")
+        self._rng.rng.seed(s)  # the TPE candidates
+        self._random_sampler._rng.rng.seed(s)  # the startup trials and independent parameters
+        super().before_trial(study, trial)
+
+
 def suggest(trial: optuna.Trial, sweep: dict) -> dict:
     values = {}
     for key, spec in parse_space(sweep).items():
@@ -78,8 +226,7 @@ def suggest(trial: optuna.Trial, sweep: dict) -> dict:
 def run_name(study: str, values: dict, sweep: dict, trial: optuna.Trial) -> str:
     """Grid: named after the cell (a retried trial finds the dead one's checkpoint); search: after the first try."""
     if sweep["mode"] == "grid":
-        parts = [str(v) for k, v in values.items() if k != "seed"] + [f"seed{values['seed']}"]
-        cell = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+        cell = cell_id(values)
     else:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         first = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
@@ -121,14 +268,14 @@ def create_study(cfg: DictConfig, sweep: dict, storage) -> optuna.Study:
     require(bool(objectives), "sweep.objectives", objectives, "needs at least one {metric, direction}")
     for o in objectives:
         require(o.get("direction") in ("minimize", "maximize"), "sweep.objectives.direction", o, "minimize|maximize")
-    if sweep["mode"] == "grid":
-        sampler = optuna.samplers.GridSampler(grid_space(sweep), seed=0)
-        pruner = optuna.pruners.NopPruner()
+    seed = sweep.get("sampler_seed", 0)
+    if sweep["mode"] == "grid":  # cells are queued (see `schedule`); the sampler only sees spare trials
+        sampler, pruner = optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
     elif len(objectives) > 1:  # Optuna prunes single-objective studies only
-        sampler, pruner = optuna.samplers.TPESampler(seed=0, multivariate=True), optuna.pruners.NopPruner()
+        sampler, pruner = TrialSeededTPESampler(seed=seed, multivariate=True), optuna.pruners.NopPruner()
     else:
         require(sweep["mode"] == "search", "sweep.mode", sweep["mode"], "must be grid or search")
-        sampler = optuna.samplers.TPESampler(seed=0, multivariate=True)
+        sampler = TrialSeededTPESampler(seed=seed, multivariate=True)
         p = sweep.get("pruner") or {}
         pruner = optuna.pruners.MedianPruner(
             n_startup_trials=p.get("n_startup_trials", 3), n_warmup_steps=p.get("n_warmup_steps", 1)
@@ -187,14 +334,29 @@ def trial_config(cfg: DictConfig, sweep: dict, values: dict, name: str) -> DictC
     return compose_config(sweep.get("command", "train"), overrides, command=sweep.get("command", "train"))
 
 
-def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
-    from sorabench.training.commands import train
+def trial_values(trial: optuna.Trial, sweep: dict) -> dict | None:
+    """The trial's cell: a grid trial's queued params (None if it was not queued: a spare), or TPE's suggestion."""
+    if sweep["mode"] == "grid":
+        keys = list(grid_space(sweep))
+        cell = trial.user_attrs.get("cell") or {}
+        return {k: cell[k] for k in keys} if all(k in cell for k in keys) else None
+    return suggest(trial, sweep)
+
+
+def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp: bool = False):
+    from sorabench.training.commands import NonFiniteLossError, train
 
     def objective(trial: optuna.Trial):
-        values = suggest(trial, sweep)
+        values = trial_values(trial, sweep)
+        if values is None:  # another worker popped the last queued cell between our look and our ask
+            trial.set_user_attr(SPARE, "no queued grid cell was left when this trial started")
+            raise optuna.TrialPruned("spare trial: no grid cell left")
         name = run_name(cfg.study, values, sweep, trial)
         tcfg = trial_config(cfg, sweep, values, name)
         trial.set_user_attr("run_name", name)
+        trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
+        if "failure_reason" in trial.user_attrs:  # a retry starts clean (the failed trial keeps its reason)
+            trial.set_user_attr("failure_reason", None)
         callbacks = []
         if sweep["mode"] == "search" and len(sweep["objectives"]) == 1:
             from optuna_integration import PyTorchLightningPruningCallback
@@ -207,28 +369,42 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None):
             "sorabench.strategy": str(tcfg.conditioning.name),
         }
         console.rule(f"trial {trial.number}: {name}")
+        if ddp:
+            DDPFollower.announce({"values": values, "name": name})
         try:
             result = train(tcfg, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags, trial=trial)
         except optuna.TrialPruned as e:
             mark_run(tcfg, "PRUNED", str(e) or "pruned by the MedianPruner")
             raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Ctrl-C (Lightning turns it into SystemExit inside fit) or a signal: not the model's fault. Optuna marks
+            # the trial FAIL; rerunning the command queues a retry that resumes the checkpoint and MLflow run.
+            reason = f"interrupted ({type(e).__name__}); rerun the command to resume this trial"
+            trial.set_user_attr("failure_reason", reason)
+            mark_run(tcfg, "FAIL", reason)
+            raise KeyboardInterrupt(reason) from e
         except Exception as e:
-            # An error inside the trial (a NaN loss, a bad value, a bug) happens again on a retry: record why, mark
-            # it final, and let the sweep go on. Only a dead worker's trial (stale heartbeat) is retried.
+            # A non-finite loss happens again on a retry: final. Anything else (a full disk, a lost connection, a
+            # race) may not: the trial fails now, and rerunning the command runs it again.
             reason = f"{type(e).__name__}: {e}"
-            trial.set_user_attr(FINAL_FAILURE, reason)
+            trial.set_user_attr("failure_reason", reason[:2000])
+            if isinstance(e, NonFiniteLossError):
+                trial.set_user_attr(FINAL_FAILURE, reason[:2000])
             mark_run(tcfg, "FAIL", reason)
             console.print(f"[red]trial {trial.number} failed: {reason}")
             console.print(traceback.format_exc(limit=3), style="dim")
             raise
         trial.set_user_attr("mlflow_run_id", result.get("run_id"))
-        mark_run(tcfg, "COMPLETE", None)
         values_out = []
         for o in sweep["objectives"]:
             v = result["metrics"].get(o["metric"])
             if v is None or not math.isfinite(v):
-                raise RuntimeError(f"objective {o['metric']} missing or not finite in the trial's metrics")
+                reason = f"objective {o['metric']}={v} missing or not finite in the trial's metrics"
+                trial.set_user_attr(FINAL_FAILURE, reason)
+                mark_run(tcfg, "FAIL", reason)  # never COMPLETE in MLflow while Optuna says FAIL
+                raise RuntimeError(reason)
             values_out.append(float(v))
+        mark_run(tcfg, "COMPLETE", None)
         return values_out if len(values_out) > 1 else values_out[0]
 
     return objective
@@ -241,35 +417,42 @@ def mark_run(tcfg: DictConfig, state: str, reason: str | None):
     id_file = Path(tcfg.run_dir) / RUN_ID_FILE
     if not tcfg.mlflow.enabled or not id_file.is_file():
         return
-    import json
-
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tcfg.mlflow.tracking_uri)
     run_id = json.loads(id_file.read_text())["run_id"]
     client.set_tag(run_id, "optuna.state", state)
-    if reason:
-        client.set_tag(run_id, "failure_reason", reason[:5000])
+    client.set_tag(run_id, "failure_reason", (reason or "")[:5000])  # a resumed, completed run clears the old one
     status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
     client.set_terminated(run_id, status=status)
 
 
-def finished_count(study: optuna.Study) -> tuple[int, int]:
-    """(trials that need no more work, trials running now).
+def set_parent_status(cfg: DictConfig, run_id: str | None, status: str):
+    """The study's parent run is RUNNING while workers have trials to run, FINISHED when the study is done."""
+    if run_id is None:
+        return
+    import mlflow
 
-    A failed trial needs no more work unless the heartbeat callback queued a retry of it (a dead worker's trial);
-    a trial that failed by itself (NaN loss, bad value, bug) would fail again, and its cell counts as done."""
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def finished_count(study: optuna.Study) -> tuple[int, int]:
+    """(trials that need no more work, trials running now): a failed trial needs none unless it is retried."""
     trials = study.get_trials(deepcopy=False)
-    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
-    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    retried = retried_numbers(trials)
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and SPARE not in t.user_attrs for t in trials)
     done += sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
     return done, sum(t.state == TrialState.RUNNING for t in trials)
 
 
 def target_trials(cfg: DictConfig, sweep: dict) -> int:
     if sweep["mode"] == "grid":
-        n_cells = math.prod(len(v) for v in grid_space(sweep).values())
-        return int(cfg.n_trials or n_cells)
+        n_cells = len(grid_cells(sweep))
+        return min(int(cfg.n_trials or n_cells), n_cells)
     n = cfg.n_trials or sweep.get("n_trials")
     require(isinstance(n, int) and n > 0, "n_trials", n, "a search sweep needs n_trials > 0")
     return n
@@ -324,7 +507,59 @@ def start_local_workers(cfg: DictConfig) -> list:
     return procs
 
 
-def main(cfg: DictConfig) -> int:
+class DDPFollower:
+    """`trainer=ddp` inside a sweep. Lightning's launcher starts ranks 1..N-1 by rerunning this command line, once,
+    during rank 0's first `fit`; every later trial's `fit` in rank 0 reuses them. Rank 0 alone owns the Optuna
+    trial: before each trial it sends the cell (values, run name) to the other ranks — through the environment the
+    launcher copies for the first trial, by a broadcast over the process group for later ones — and a stop at the
+    end. The other ranks run `follow`: train exactly the cell they are sent, never touching the study."""
+
+    ENV = "SORABENCH_DDP_TRIAL"
+
+    @classmethod
+    def announce(cls, message: dict):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list([message], src=0)
+        else:
+            os.environ[cls.ENV] = json.dumps(message)  # the launcher copies os.environ into the ranks it starts
+
+    @classmethod
+    def stop(cls):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            cls.announce({"stop": True})
+
+    @classmethod
+    def receive(cls) -> dict:
+        import torch.distributed as dist
+
+        first = os.environ.pop(cls.ENV, None)
+        if first is not None:
+            return json.loads(first)
+        if not dist.is_initialized():
+            raise RuntimeError("a DDP rank > 0 of a sweep got no trial from rank 0 (started outside its launcher?)")
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        return message[0]
+
+    @classmethod
+    def follow(cls, cfg: DictConfig, sweep: dict) -> int:
+        from sorabench.training.commands import train
+
+        while not (message := cls.receive()).get("stop"):
+            try:
+                train(trial_config(cfg, sweep, message["values"], message["name"]))
+            except Exception as e:  # rank 0 records the failure; exiting would make the launcher kill rank 0
+                console.print(f"[red]DDP rank {os.environ.get('LOCAL_RANK')}: {message['name']} failed: {e}")
+        return 0
+
+
+def main(cfg: DictConfig, subcommand: str | None = None) -> int:
+    if subcommand == "status":
+        return status(cfg)
     sweep = to_container(cfg.sweep)
     require(sweep.get("mode") in ("grid", "search"), "sweep.mode", sweep.get("mode"), "must be grid or search")
     parse_space(sweep)
@@ -335,32 +570,52 @@ def main(cfg: DictConfig) -> int:
     check_cfg = trial_config(cfg, sweep, first, f"{cfg.study}/config-check")
     if cfg.mlflow.enabled:  # before the study is created: a bad tracking URI leaves no half-made study behind
         check_tracking_uri(cfg.mlflow.tracking_uri)
+    ddp = str(check_cfg.trainer.strategy).startswith("ddp")
+    if ddp and check_cfg.trainer.num_nodes > 1:
+        raise ConfigError(f"trainer.num_nodes={check_cfg.trainer.num_nodes}: a sweep trial runs DDP on one node; "
+                          "start one sweep worker per node instead (same storage=)")
+    from sorabench.tracking import process_rank
+
+    if ddp and process_rank() > 0:  # a rank started by Lightning's launcher: train what rank 0 sends
+        return DDPFollower.follow(cfg, sweep)
 
     storage = make_storage(cfg)
     study = create_study(cfg, sweep, storage)
+    check_study_compatible(study, sweep)
+    with study_lock(cfg, storage):
+        reruns, new = schedule(study, sweep, target if sweep["mode"] == "grid" else None)
     parent_run_id = ensure_parent_run(cfg, study)
-    console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}")
+    console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
+                  f"cells and {reruns} reruns of interrupted trials")
 
     from sorabench.training.commands import prepare_shared_assets
 
     # The VAE, the evaluator and the data caches, once per sweep and before any trial: local workers started
     # below then only read them.
     prepare_shared_assets(check_cfg, caches=True)
-    workers = start_local_workers(cfg)
-    objective = make_objective(cfg, sweep, parent_run_id)
+    workers = [] if ddp else start_local_workers(cfg)
+    objective = make_objective(cfg, sweep, parent_run_id, ddp=ddp)
     start = time.time()
+    set_parent_status(cfg, parent_run_id, "RUNNING")
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
-        done, running = finished_count(study)
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        if done >= target:
+        done, running = finished_count(study)
+        if sweep["mode"] == "grid":  # every cell is queued: run what waits, wait for what runs elsewhere
+            more, work = waiting > 0, waiting + running > 0
+        else:
+            more, work = waiting > 0 or done + running < target, done < target
+        if not work:
             break
-        if done + running < target or waiting:
+        if more:
             study.optimize(objective, n_trials=1, catch=(Exception,))
         else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
             time.sleep(cfg.heartbeat_interval)
     for w in workers:
         w.join()
+    if ddp:  # (after an interrupt, Lightning's launcher has already stopped the other ranks)
+        DDPFollower.stop()
+    set_parent_status(cfg, parent_run_id, "FINISHED")
     console.print(f"study {cfg.study!r}: {target} trials finished; this worker ran for {time.time() - start:.0f} s")
     print_results(study)
     if cfg.report and cfg.mlflow.enabled:
@@ -372,6 +627,111 @@ def main(cfg: DictConfig) -> int:
         report_main(rcfg)
         console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1, then open "
                       "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs tables, not GenAI)")
+    return 0
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, study_name: str) -> dict[int, float]:
+    """Seconds since each running trial's last heartbeat (trial number -> age), measured by the database's clock."""
+    import sqlalchemy
+    from optuna.storages._rdb import models  # Optuna keeps heartbeats in its schema, without a public getter
+
+    query = (sqlalchemy.select(models.TrialModel.number, models.TrialHeartbeatModel.heartbeat)
+             .join(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+             .join(models.StudyModel, models.StudyModel.study_id == models.TrialModel.study_id)
+             .where(models.StudyModel.study_name == study_name))
+    with storage.engine.connect() as conn:
+        now = conn.execute(sqlalchemy.select(sqlalchemy.func.current_timestamp())).scalar()
+        rows = conn.execute(query).all()
+    if isinstance(now, str):  # SQLite returns text
+        from datetime import datetime
+
+        now = datetime.fromisoformat(now)
+    return {number: (now - beat).total_seconds() for number, beat in rows}
+
+
+def mlflow_children(cfg: DictConfig) -> dict[str, dict]:
+    """The study's MLflow child runs by run name: status and objective metrics."""
+    if not cfg.mlflow.enabled:
+        return {}
+    import mlflow
+
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.study)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
+                              max_results=10000)
+    return {r.data.tags.get("mlflow.runName", r.info.run_name): {"status": r.info.status, **r.data.metrics}
+            for r in runs}
+
+
+def status_rows(cfg: DictConfig, sweep: dict, study: optuna.Study, storage) -> list[dict]:
+    """One row per grid cell (its latest trial; the cells not queued yet too) or per search trial."""
+    from datetime import datetime
+
+    trials = [t for t in study.get_trials(deepcopy=False) if SPARE not in t.user_attrs]
+    ages = heartbeat_ages(storage, cfg.study)
+    runs = mlflow_children(cfg)
+    metric = sweep["objectives"][0]["metric"]
+    rows = []
+    if sweep["mode"] == "grid":
+        keys = list(grid_space(sweep))
+        by_cell: dict[str, list] = {}
+        for t in trials:
+            by_cell.setdefault(trial_cell(t, keys), []).append(t)
+        groups = [(cell_id(c), by_cell.get(cell_id(c), [])) for c in grid_cells(sweep)]
+        groups += [(c, ts) for c, ts in by_cell.items() if c is not None and c not in dict(groups)]
+    else:
+        first = RetryHeartbeatStaleTrialCallback.retried_trial_number
+        groups = [(f"trial-{t.number if first(t) is None else first(t)}", [t]) for t in trials]
+    for cell, ts in groups:
+        t = max(ts, key=lambda x: x.number) if ts else None
+        row = {"cell": cell, "trial": "" if t is None else t.number, "state": "NOT QUEUED" if t is None else
+               t.state.name, "host": "", "heartbeat": "", "wall": "",
+               "retries": max(len(ts) - 1, len(t.system_attrs.get("retry_history", [])) if t else 0),
+               "objective": "", "mlflow": ""}
+        if t is not None:
+            row["host"] = str(t.user_attrs.get("host", ""))
+            if t.state == TrialState.RUNNING and t.number in ages:
+                row["heartbeat"] = f"{ages[t.number]:.0f} s ago"
+            if t.datetime_start is not None:
+                end = t.datetime_complete or datetime.now()
+                row["wall"] = f"{(end - t.datetime_start).total_seconds():.0f} s"
+            if t.values:
+                row["objective"] = ", ".join(f"{v:.4g}" for v in t.values)
+            run = runs.get(t.user_attrs.get("run_name") or f"{cfg.study}/{cell}")
+            if run:
+                row["mlflow"] = run["status"] + (f" {metric}={run[metric]:.4g}" if metric in run else "")
+            if t.state == TrialState.FAIL:
+                row["state"] += " (final)" if FINAL_FAILURE in t.user_attrs else " (reruns)"
+        rows.append(row)
+    return rows
+
+
+def status(cfg: DictConfig) -> int:
+    """`sorabench sweep status [sweep=...] [study=...] [storage=...]`: the table of every cell of a study."""
+    from rich.table import Table
+
+    sweep = to_container(cfg.sweep)
+    parse_space(sweep)
+    storage = make_storage(cfg)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError as e:
+        raise ConfigError(f"study={cfg.study!r}: no such study in {cfg.storage}") from e
+    rows = status_rows(cfg, sweep, study, storage)
+    table = Table(title=f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}")
+    columns = ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow")
+    for col in columns:
+        table.add_column(col, no_wrap=col in ("cell", "state"))
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    console.print(table, width=None if console.is_terminal else 200)  # a log file gets the whole table
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
 

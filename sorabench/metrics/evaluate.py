@@ -211,6 +211,11 @@ def real_batches(dataset, m: DictConfig, count: int, seed: int):
 
 
 @torch.no_grad()
+def one_process() -> bool:
+    """torchmetrics' `distributed_available_fn` for metrics that one process computes alone."""
+    return False
+
+
 def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, fields: dict,
                     prompt_labels: torch.Tensor | None, prompt_unseen: torch.Tensor | None) -> dict[str, float]:
     """FVD, FID, KID (and alignment when an evaluator and prompt labels are given) of generated vs real clips.
@@ -221,7 +226,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
     """
     video_net, frame_net = nets
     n_real, n_fake, t = int(m.n_real), int(m.n_samples), int(m.num_frames)
-    fvd = FrechetVideoDistance(video_net) if video_net is not None else None
+    # One process evaluates (rank 0 after a DDP fit, while the other ranks wait): no sync across processes.
+    fvd = FrechetVideoDistance(video_net, distributed_available_fn=one_process) if video_net is not None else None
     need_real_fvd = False
     if fvd is not None:
         cached = load_real_statistics(m.stats_cache_dir, fields)
@@ -233,6 +239,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         frame_metrics = [frame_fid(frame_net),
                          frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets),
                                    max_subset_size=int(m.get("kid_subset_size", 1000)))]
+        for metric in frame_metrics:
+            metric.distributed_available_fn = one_process
 
     if need_real_fvd or frame_metrics:
         seen = 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from sorabench.files import atomic_save
 from sorabench.metrics.frechet import frechet_distance
 
 
@@ -196,11 +196,8 @@ def protocol_key(fields: Mapping) -> str:
 def save_real_statistics(cache_dir: str | Path, fields: Mapping, stats: Mapping[str, torch.Tensor]) -> Path:
     """Write `stats` ({sum, outer, n}, see `FrechetVideoDistance.real_statistics`) to <cache_dir>/<key>.pt."""
     path = Path(cache_dir) / f"{protocol_key(fields)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"protocol": _canonical(fields), **{k: stats[k] for k in ("sum", "outer", "n")}}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one, never half of one
+    atomic_save(payload, path)  # a concurrent reader sees the old file or the new one, never half of one
     return path
 
 

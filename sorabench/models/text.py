@@ -8,7 +8,6 @@ Two encoders share one output type so the DiT never knows which produced its con
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sorabench.config import config_key
+from sorabench.files import atomic_save
 
 
 @dataclass
@@ -150,12 +150,9 @@ class MiniLMTextEncoder(nn.Module):
         """One file per caption set: tokens of all captions concatenated (sum of lengths, D), their lengths, pooled
         (n, D), written atomically (a crash mid-write leaves no half file under the key)."""
         entries = [self._cache[c] for c in captions]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save({"captions": captions, "tokens": torch.cat([tok for tok, _ in entries]),
-                    "lengths": torch.tensor([len(tok) for tok, _ in entries]),
-                    "pooled": torch.stack([p for _, p in entries])}, tmp)
-        tmp.replace(path)
+        atomic_save({"captions": captions, "tokens": torch.cat([tok for tok, _ in entries]),
+                     "lengths": torch.tensor([len(tok) for tok, _ in entries]),
+                     "pooled": torch.stack([p for _, p in entries])}, path)  # concurrent workers: sorabench.files
 
     def _load(self, path: Path) -> None:
         saved = torch.load(path, weights_only=True)

@@ -8,11 +8,9 @@ its recorded result instead of training again.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import pickle
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -22,24 +20,19 @@ from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, config_key, require, to_container
 from sorabench.data.module import SkippedSamplesReport, VideoDataModule, build_dataset, clip_fields, dataset_config
+from sorabench.files import atomic_save, atomic_write_text, file_lock
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
 from sorabench.tracking import check_tracking_uri, make_logger
 from sorabench.training.dit_module import DiTModule, NonFiniteLossError  # noqa: F401  (re-exported for sweeps)
-from sorabench.training.trainer import EMA, build_trainer, fit, last_checkpoint
+from sorabench.training.trainer import EMA, SeedPerRank, build_trainer, fit, last_checkpoint
 
 console = Console()
 RESULT_FILE = "result.json"
 
-@contextmanager
 def run_lock(run_dir: Path):
-    """An exclusive lock on a run directory, so two sweep workers never train the same shared asset at once."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """An exclusive lock on a run directory, so two sweep workers (on one machine or several sharing `outputs=`)
+    never train the same shared asset at once."""
+    return file_lock(Path(run_dir) / ".lock")
 
 
 def finished_result(run_dir: str | Path) -> dict | None:
@@ -49,7 +42,7 @@ def finished_result(run_dir: str | Path) -> dict | None:
 
 def write_result(run_dir: str | Path, result: dict):
     path = Path(run_dir) / RESULT_FILE
-    path.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(path, json.dumps(result, indent=2, default=str))  # a reader never sees half a result
 
 
 def read_checkpoint(path: str | Path, kind: str | None = None) -> dict:
@@ -137,9 +130,8 @@ def build_vae_module(cfg: DictConfig):
 def save_untrained_vae(module, run_dir: Path) -> Path:
     """`vae.model.factor: none` has nothing to train: write its checkpoint directly (scale factor 1)."""
     path = run_dir / "checkpoints" / "last.ckpt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__, "sorabench_kind": "vae", "global_step": 0}, path)
+    atomic_save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                 "pytorch-lightning_version": L.__version__, "sorabench_kind": "vae", "global_step": 0}, path)
     return path
 
 
@@ -296,7 +288,7 @@ def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
 
     # Callbacks run in list order, and the EMA callback swaps the training weights back in its own
     # `on_validation_epoch_end`: everything that samples with the validated (EMA) weights comes before it.
-    callbacks = [TagCheckpointKind("dit")]
+    callbacks = [TagCheckpointKind("dit"), SeedPerRank(cfg.seed)]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
         callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))
     if cfg.evaluate.every_n_steps:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -21,20 +23,15 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sorabench.config import ConfigError
+from sorabench.files import atomic_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<path>.tmp`, fsync, then os.replace: readers only ever see a complete file."""
+    """torch.save to a temporary file, fsync, then os.replace (`sorabench.files`): readers only ever see a complete
+    file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_save(checkpoint, path)
 
 
 class EMA(WeightAveraging):
@@ -106,6 +103,24 @@ class StepProgressBar(TQDMProgressBar):
         if bar is not None and not bar.disable:
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
+class SeedPerRank(L.Callback):
+    """Under DDP every rank draws its own noise, timesteps, caption-dropout masks and posterior samples: when
+    training starts, each rank reseeds with `seed * world_size + rank` (as DiT's train.py does). One
+    `seed_everything(seed)` in every rank would give the global batch only one rank's worth of distinct draws.
+    The model's init stays `seed` in every rank, and Lightning's DistributedSampler keeps its own seed
+    (PL_GLOBAL_SEED), so the ranks still split the clips between them. A single process is left as it was."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            seed = self.seed * trainer.world_size + trainer.global_rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

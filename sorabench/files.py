@@ -1,0 +1,64 @@
+"""Files that several processes share: sweep workers on one machine, or on many machines with one `outputs=`.
+
+Every shared asset (latent and caption caches, real feature statistics, `result.json`, checkpoints) is written to a
+temporary name of its own — host, process and a random suffix, so no two writers ever touch the same temporary file
+— and renamed into place. A rename within a directory is atomic (POSIX, and NFS), so a reader sees the old file or
+the new one, never half of one, and two writers of the same asset both succeed (the last rename wins; both wrote
+the same content). Assets that are expensive to make (the VAE, the evaluator) are made once under `file_lock`, a
+POSIX record lock (`fcntl.lockf`), which NFS forwards to the server, unlike BSD `flock` on some systems.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def temp_path(path: str | Path) -> Path:
+    """A temporary sibling of `path` that no other writer (thread, process or host) uses."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(binary file)` on a temporary file, fsync it, rename it to `path`; returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
+    return path
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save, atomically (see the module docstring)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+@contextmanager
+def file_lock(path: str | Path):
+    """An exclusive lock held while the block runs, across processes and (on NFS) machines; waits for it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # lockf needs a file open for writing
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
