@@ -174,7 +174,7 @@ def test_nan_loss_fails_only_that_trial_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(DiTModule, "training_step", nan_for_in_context)
     from sorabench.sweep import main as sweep_main
 
-    cfg = compose_config("sweep", [f"outputs={tmp_path}", "sweep.params.conditioning.choices=[adaln_zero,in_context]",
+    cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", "sweep.params.conditioning.choices=[adaln_zero,in_context]",
                                    "sweep.seeds=[0]", "report=false"], command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY

@@ -26,7 +26,7 @@ TWO_CELLS = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep
 
 def sweep_cli_args(outputs, extra=()):
     overrides = ",".join(json.dumps(o) for o in TINY)
-    return [f"outputs={outputs}", *TWO_CELLS, f"overrides=[{overrides}]", *extra]
+    return [f"outputs={outputs}", "workers=1", *TWO_CELLS, f"overrides=[{overrides}]", *extra]
 
 
 def children(tracking_uri, study):
@@ -48,7 +48,7 @@ def test_search_space_validation():
 
 
 def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
-    cfg = compose_config("sweep", [f"outputs={tmp_path}", *TWO_CELLS], command="sweep")
+    cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", *TWO_CELLS], command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY
     assert sweep_main(cfg) == 0
@@ -140,7 +140,7 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
 
 
 def test_search_sweep_reports_to_the_pruner_and_stops_at_n_trials(tmp_path):
-    cfg = compose_config("sweep", [f"outputs={tmp_path}", "sweep=lr_search", "n_trials=3", "report=false",
+    cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", "sweep=lr_search", "n_trials=3", "report=false",
                                    "sweep.pruner.n_startup_trials=1"], command="sweep")
     with open_dict(cfg):
         cfg.overrides = [*TINY, "trainer.val_check_interval=2"]

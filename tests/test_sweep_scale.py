@@ -54,7 +54,7 @@ from sorabench.sweep import main as sweep_main  # noqa: E402
 
 
 def sweep_cfg(tmp_path, *overrides, mlflow_on=False):
-    return compose_config("sweep", [f"outputs={tmp_path}", "report=false", "heartbeat_interval=1",
+    return compose_config("sweep", [f"outputs={tmp_path}", "workers=1", "report=false", "heartbeat_interval=1",
                                     f"mlflow.enabled={str(mlflow_on).lower()}", *overrides], command="sweep")
 
 
@@ -90,7 +90,7 @@ class FakeTrain:
 def fake_train(monkeypatch):
     fake = FakeTrain()
     monkeypatch.setattr(commands, "train", fake)
-    monkeypatch.setattr(commands, "prepare_shared_assets", lambda cfg: None)
+    monkeypatch.setattr(commands, "prepare_shared_assets", lambda cfg, caches=False: None)
     return fake
 
 
