@@ -388,12 +388,7 @@ def best_scales(runs: pd.DataFrame, metric: str, direction: str, default: float,
 def plot_guidance(g: pd.DataFrame, metric: str, path: Path, default: float = math.nan, order=None,
                   by: str = "strategy") -> Path:
     """`eval/cfg*/<metric>` against the guidance scale, one line per strategy: mean over seeds ± 95% CI."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _new_plot()
     d = g[(g.prefix == "eval") & (g.metric == metric)]
     names = [s for s in (order if order is not None else sorted(set(d[by]))) if s in set(d[by])]
     for i, name in enumerate(names):
@@ -403,14 +398,8 @@ def plot_guidance(g: pd.DataFrame, metric: str, path: Path, default: float = mat
                     label=f"{name} (n={int(r['n'].max())})")
     if _ok(default):
         ax.axvline(default, color="grey", ls=":", lw=1, label=f"shared default ({default:g})")
-    ax.set_xlabel("classifier-free guidance scale")
-    ax.set_ylabel(f"eval/{metric}")
-    ax.set_title(f"eval/{metric} vs guidance: mean over seeds, bars = 95% CI")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _save_plot(fig, ax, path, "classifier-free guidance scale", f"eval/{metric}",
+                      f"eval/{metric} vs guidance: mean over seeds, bars = 95% CI")
 
 
 def guidance_markdown(g: pd.DataFrame, best: pd.DataFrame, metric: str, direction: str, plots: dict[str, str],
@@ -683,12 +672,7 @@ def fetch_histories(client, runs: pd.DataFrame, metrics, by: str = "strategy") -
 
 def plot_history(agg: pd.DataFrame, metric: str, path: Path, order=None, by: str = "strategy") -> Path:
     """Mean over seeds per strategy against the training step, with a 95% CI band (Student t over seeds); PNG via the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _new_plot()
     names = [s for s in (order if order is not None else sorted(agg[by].unique())) if s in set(agg[by])]
     for name in names:
         g = agg[agg[by] == name].sort_values("step")
@@ -698,9 +682,23 @@ def plot_history(agg: pd.DataFrame, metric: str, path: Path, order=None, by: str
             band = g["ci95"].fillna(0.0) if "ci95" in g else None
             low, high = (g["mean"] - band, g["mean"] + band) if band is not None else (g["min"], g["max"])
             ax.fill_between(g["step"], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric}: mean over seeds, band = 95% CI")
+    return _save_plot(fig, ax, path, "training step", metric, f"{metric}: mean over seeds, band = 95% CI")
+
+
+def _new_plot():
+    """A figure and its axes on the Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
