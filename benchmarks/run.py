@@ -49,7 +49,7 @@ FULL = dict(
     matmul_n=2048, matmul_repeats=7,
     compile=True, compile_repeats=7,
     loop_batch=16, loop_clips=4096, loop_steps=320, loop_order=["cold", "before", "warm", "before", "warm"],
-    grid_seeds=[0, 1], grid_steps=300, grid_workers=2,
+    grid_seeds=[0, 1], grid_steps=300, grid_workers=2, grid_strategies=None,
     end_to_end=True,
 )  # fmt: skip
 QUICK = dict(
@@ -61,7 +61,7 @@ QUICK = dict(
     matmul_n=512, matmul_repeats=3,
     compile=False, compile_repeats=0,
     loop_batch=4, loop_clips=64, loop_steps=24, loop_order=["cold", "before", "warm"],
-    grid_seeds=[0], grid_steps=10, grid_workers=2,
+    grid_seeds=[0, 1], grid_steps=5, grid_workers=2, grid_strategies=["adaln_zero"],
     end_to_end=False,
 )  # fmt: skip
 
@@ -368,7 +368,9 @@ def bench_grid_workers(s: dict) -> list[Row]:
         for workers in (1, k):
             cfg = compose_config("sweep", [f"outputs={out}", "sweep=conditioning_ablation", f"study=grid-w{workers}",
                                            f"sweep.seeds={s['grid_seeds']}", f"workers={workers}",
-                                           f"threads={max(1, cores // workers)}", "report=false"], command="sweep")
+                                           f"threads={max(1, cores // workers)}", "report=false",
+                                           *([f"sweep.params.conditioning.choices=[{','.join(s['grid_strategies'])}]"]
+                                             if s["grid_strategies"] else [])], command="sweep")
             with open_dict(cfg):
                 cfg.overrides = overrides
             if workers == 1:  # shared assets and caches first, outside the timing
