@@ -294,7 +294,9 @@ def power_analysis(runs: pd.DataFrame, metric: str, a: str, b: str, by: str = "s
     def power_at(n: int) -> float:
         df, ncp = 2 * n - 2, d * math.sqrt(n / 2)
         crit = stats.t.ppf(1 - alpha / 2, df)
-        return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+        # The lower tail is negligible for a real effect; scipy returns NaN for it at large noncentrality.
+        lower = stats.nct.cdf(-crit, df, ncp)
+        return float(stats.nct.sf(crit, df, ncp) + (lower if math.isfinite(lower) else 0.0))
 
     out["power_at_n"] = power_at(min(len(x), len(y)))
     if d > 0:

@@ -150,6 +150,10 @@ def test_power_analysis_matches_the_textbook_and_simulation():
     big = power_analysis(runs.assign(m=runs.m * 3 - (runs.strategy == "b") * 3), "m", "a", "b")
     assert big["seeds_needed"] < 17
     assert math.isnan(power_analysis(runs.iloc[[0, 3]], "m", "a", "b")["seeds_needed"])
+    # A huge effect (scipy's noncentral t gives NaN in the lower tail there): power ~1, two seeds suffice.
+    huge = power_analysis(pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3,
+                                        "m": [0.087, 0.088, 0.090, 0.015, 0.018, 0.021]}), "m", "a", "b")
+    assert huge["cohens_d"] > 9 and huge["power_at_n"] > 0.99 and huge["seeds_needed"] == 2
 
 
 def test_reading_names_best_significance_and_chance():
