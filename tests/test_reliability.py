@@ -17,11 +17,14 @@ import mlflow
 import optuna
 import pytest
 import torch
+
+
 from omegaconf import open_dict
 
 from sorabench.cli import main
 from sorabench.config import ConfigError, compose_config
 from sorabench.data.video_io import write_video
+from sorabench.sweep import cell_values
 from sorabench.training.commands import load_checkpoint_module, load_dit, train
 from sorabench.training.dit_module import DiTModule
 from tests.conftest import TINY
@@ -180,7 +183,7 @@ def test_nan_loss_fails_only_that_trial_with_its_reason(tmp_path, monkeypatch):
         cfg.overrides = TINY
     assert sweep_main(cfg) == 0
     study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
-    by_strategy = {t.params["conditioning"]: t for t in study.trials}
+    by_strategy = {cell_values(t)["conditioning"]: t for t in study.trials}
     assert by_strategy["adaln_zero"].state == optuna.trial.TrialState.COMPLETE
     failed = by_strategy["in_context"]
     assert failed.state == optuna.trial.TrialState.FAIL and "NonFiniteLossError" in failed.user_attrs["final_failure"]
