@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 TWO_CELLS = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
 
 
-def sweep_cli_args(outputs, extra=()):
-    overrides = ",".join(json.dumps(o) for o in TINY)
+def sweep_cli_args(outputs, extra=(), trial_overrides=()):
+    overrides = ",".join(json.dumps(o) for o in [*TINY, *trial_overrides])
     return [f"outputs={outputs}", "workers=1", *TWO_CELLS, f"overrides=[{overrides}]", *extra]
 
 
@@ -70,9 +70,9 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
     assert len(optuna.load_study(study_name=cfg.study, storage=cfg.storage).trials) == 2
 
 
-def run_sweep(outputs, extra=(), **popen):
+def run_sweep(outputs, extra=(), trial_overrides=(), **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "sorabench.cli", "sweep", *sweep_cli_args(outputs, extra)]
+    cmd = [sys.executable, "-m", "sorabench.cli", "sweep", *sweep_cli_args(outputs, extra, trial_overrides)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -171,7 +171,10 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     url = postgres_url()
     study = f"pg-{uuid.uuid4().hex[:8]}"
     extra = [f"storage={url}", f"study={study}", "report=false", "heartbeat_interval=1", "grace_period=4"]
-    workers = [run_sweep(tmp_path, extra=extra) for _ in range(2)]
+    # Trials long enough (seconds, not milliseconds) that both workers are still inside theirs when the signals
+    # arrive, however loaded the machine is: with 6-step trials one worker could finish both cells first.
+    longer = ["trainer.max_steps=400", "trainer.checkpoint_every_n_steps=50"]
+    workers = [run_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
 
     def running_hosts():
         trials = optuna.load_study(study_name=study, storage=url).trials
@@ -183,7 +186,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
         os.kill(workers[1].pid, signal.SIGINT)  # Ctrl-C
         outs = [w.communicate(timeout=120)[0] for w in workers]
         assert workers[1].returncode == 130, outs[1][-2000:]  # "interrupted; rerun the same command to resume"
-        workers = [run_sweep(tmp_path, extra=extra) for _ in range(2)]
+        workers = [run_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
         outs = [w.communicate(timeout=900)[0] for w in workers]
         assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
     finally:
