@@ -73,7 +73,10 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
 def run_sweep(outputs, extra=(), trial_overrides=(), **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "sorabench.cli", "sweep", *sweep_cli_args(outputs, extra, trial_overrides)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    # SIGINT back to its default in the child: pytest-xdist's workers ignore it, and an ignored SIGINT is inherited
+    # (Python then installs no KeyboardInterrupt handler), so a Ctrl-C test would see no interrupt at all.
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
