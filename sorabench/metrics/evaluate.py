@@ -278,19 +278,10 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
     return out
 
 
-@torch.no_grad()
-def evaluator_logits(evaluator, videos: torch.Tensor, bs: int) -> dict[str, torch.Tensor]:
-    chunks = [evaluator(videos[i : i + bs]) for i in range(0, len(videos), bs)]
-    return {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTE_NAMES}
-
-
-def alignment_metrics(evaluator, videos, labels, unseen, bs: int, prefix: str = "eval") -> dict[str, float]:
-    """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
-    levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate)."""
-    return alignment_from_logits(evaluator_logits(evaluator, videos, bs), labels, unseen, prefix)
-
-
 def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") -> dict[str, float]:
+    """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
+    levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate),
+    from the evaluator's logits of those clips."""
     report = attribute_accuracy(logits, labels, unseen, ATTRIBUTE_NAMES)
     out = {}
     for attr in [*ATTRIBUTE_NAMES, "all"]:
