@@ -582,9 +582,9 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     storage = make_storage(cfg)
     study = create_study(cfg, sweep, storage)
     check_study_compatible(study, sweep)
-    with study_lock(cfg, storage):
+    with study_lock(cfg, storage):  # workers starting at once: one queues the cells and one makes the parent run
         reruns, new = schedule(study, sweep, target if sweep["mode"] == "grid" else None)
-    parent_run_id = ensure_parent_run(cfg, study)
+        parent_run_id = ensure_parent_run(cfg, study)
     console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
                   f"cells and {reruns} reruns of interrupted trials")
 

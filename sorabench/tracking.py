@@ -98,10 +98,13 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / RUN_ID_FILE
-    run_id = json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None
+    fresh = not id_file.is_file()
+    run_id = None if fresh else json.loads(id_file.read_text())["run_id"]
     all_tags = {"command": cfg.command, "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id is None:  # killed between creating the run and writing id_file: continue that run, not a twin
+            run_id = orphan_child_run(cfg, parent_run_id)
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=cfg.name,
@@ -110,11 +113,29 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
         run_id=run_id,
         artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.mlflow.experiment}",
     )
-    tag_experiment_kind(logger.experiment, logger.experiment_id)
-    if run_id is None:
+    if fresh:  # logger.run_id creates the run: record it before anything else can be interrupted
         id_file.write_text(json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))
         log_config(logger, cfg)
+    tag_experiment_kind(logger.experiment, logger.experiment_id)
     return logger
+
+
+def orphan_child_run(cfg: DictConfig, parent_run_id: str) -> str | None:
+    """A child of `parent_run_id` named like this run that no run directory claims, or None: its worker was
+    killed between creating it and writing mlflow_run.json, so it was never terminated (still RUNNING)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    name = str(cfg.name).replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`mlflow.runName` = '{name}'"
+        " and attributes.status = 'RUNNING'",
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def log_config(logger, cfg: DictConfig):

@@ -165,6 +165,23 @@ def test_sigkilled_training_resumes_same_mlflow_run_and_step_count(tmp_path):
     assert max(history) >= steps - 2 and min(history) <= 5  # logged before and after the crash, on one step axis
 
 
+def test_a_sweep_child_killed_before_recording_its_run_id_is_continued_not_duplicated(tmp_path):
+    """A worker SIGKILLed between MLflow creating a trial's run and mlflow_run.json being written: the retry
+    continues that (still RUNNING) child instead of opening a twin; a terminated one is never adopted."""
+    from sorabench.tracking import RUN_ID_FILE, make_logger
+
+    cfg = compose_config("train", [f"outputs={tmp_path}", "name=cell-a", "mlflow.experiment=study"], command="train")
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment_id = client.create_experiment("study")
+    parent = client.create_run(experiment_id).info.run_id
+    first = make_logger(cfg, parent_run_id=parent).run_id
+    (Path(cfg.run_dir) / RUN_ID_FILE).unlink()  # as if killed before the write
+    assert make_logger(cfg, parent_run_id=parent).run_id == first
+    client.set_terminated(first, status="FAILED")  # terminated runs had their id file: a new folder is a new run
+    (Path(cfg.run_dir) / RUN_ID_FILE).unlink()
+    assert make_logger(cfg, parent_run_id=parent).run_id != first
+
+
 @pytest.mark.slow
 def test_nan_loss_fails_only_that_trial_with_its_reason(tmp_path, monkeypatch):
     original = DiTModule.training_step
