@@ -172,7 +172,7 @@ def test_a_sweep_child_killed_before_recording_its_run_id_is_continued_not_dupli
 
     cfg = compose_config("train", [f"outputs={tmp_path}", "name=cell-a", "mlflow.experiment=study"], command="train")
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    experiment_id = client.create_experiment("study")
+    experiment_id = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id).info.run_id
     first = make_logger(cfg, parent_run_id=parent).run_id
     (Path(cfg.run_dir) / RUN_ID_FILE).unlink()  # as if killed before the write
