@@ -49,7 +49,7 @@ FULL = dict(
     matmul_n=2048, matmul_repeats=7,
     compile=True, compile_repeats=7,
     loop_batch=16, loop_clips=4096, loop_steps=320, loop_order=["cold", "before", "warm", "before", "warm"],
-    grid_seeds=[0, 1], grid_steps=300, grid_workers=2, grid_strategies=None,
+    grid_seeds=[0, 1], grid_steps=300, grid_workers=2, grid_strategies=None, grid_data=[],
     end_to_end=True,
 )  # fmt: skip
 QUICK = dict(
@@ -62,6 +62,7 @@ QUICK = dict(
     compile=False, compile_repeats=0,
     loop_batch=4, loop_clips=64, loop_steps=24, loop_order=["cold", "before", "warm"],
     grid_seeds=[0, 1], grid_steps=5, grid_workers=2, grid_strategies=["adaln_zero"],
+    grid_data=["data.split_sizes.train=128", "data.split_sizes.val=32"],
     end_to_end=False,
 )  # fmt: skip
 
@@ -362,13 +363,15 @@ def bench_grid_workers(s: dict) -> list[Row]:
     cores, k = torch.get_num_threads(), s["grid_workers"]
     overrides = [f"trainer.max_steps={s['grid_steps']}", f"trainer.val_check_interval={s['grid_steps']}",
                  "evaluate.enabled=false", "evaluate.every_n_steps=null", "sample.log_every_n_val=0",
-                 "vae.max_steps=20", "trainer.progress_bar=false"]
+                 "vae.max_steps=20", "trainer.progress_bar=false", *s["grid_data"]]
     rates, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="sorabench-grid-") as out:
         for workers in (1, k):
             cfg = compose_config("sweep", [f"outputs={out}", "sweep=conditioning_ablation", f"study=grid-w{workers}",
                                            f"sweep.seeds={s['grid_seeds']}", f"workers={workers}",
                                            f"threads={max(1, cores // workers)}", "report=false",
+                                           # no evaluation here: each trial's objective is its final val/loss
+                                           "sweep.objectives=[{metric: val/loss, direction: minimize}]",
                                            *([f"sweep.params.conditioning.choices=[{','.join(s['grid_strategies'])}]"]
                                              if s["grid_strategies"] else [])], command="sweep")
             with open_dict(cfg):

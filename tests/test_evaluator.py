@@ -96,9 +96,15 @@ def test_learns_a_tiny_synthetic_task_and_reloads_from_checkpoint(tmp_path):
         assert torch.equal(restored.net.features(held_out["video"]), module.net.features(held_out["video"]))
 
 
+def ablation_evaluator_steps() -> int:
+    fixed = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "sweep" / "conditioning_ablation.yaml").fixed
+    return int(next(o.split("=")[1] for o in fixed if o.startswith("metrics.evaluator.max_steps=")))
+
+
 @pytest.mark.slow
 def test_reaches_95_percent_on_every_shapes_attribute():
-    """The embedded default must read every attribute of held-out `shapes` clips (minutes on 2 cores)."""
+    """The evaluator as the embedded ablation trains it (its recipe, the sweep's step budget) must read every
+    attribute of held-out `shapes` clips (a minute or two on 2 cores)."""
     from sorabench.data.shapes import ATTRIBUTES, ShapesConfig, ShapesDataset
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "metrics" / "evaluator.yaml").evaluator
@@ -108,7 +114,7 @@ def test_reaches_95_percent_on_every_shapes_attribute():
     test = torch.utils.data.DataLoader(ShapesDataset(shapes, "test"), batch_size=256)  # seen + unseen compositions
     hparams = {k: v for k, v in cfg.items() if k not in ("max_steps", "batch_size")}
     module = EvaluatorModule({name: len(values) for name, values in ATTRIBUTES.items()}, **hparams)
-    trainer = quiet_trainer(max_steps=cfg.max_steps)
+    trainer = quiet_trainer(max_steps=ablation_evaluator_steps())
     trainer.fit(module, train)
     metrics = trainer.validate(module, test, verbose=False)[0]
     assert all(metrics[f"val/acc/{name}"] >= 0.95 for name in ATTRIBUTES), metrics

@@ -74,6 +74,7 @@ def test_compile_must_be_a_bool(tiny_overrides):
 def test_compiled_training_keeps_checkpoints_portable(tiny_overrides):
     # ~40 s: torch.compile generates C++ kernels for the forward and the backward.
     cfg = compose_config("train", [*tiny_overrides, "name=compiled", "compile=true", "trainer.max_steps=3",
+                                   "trainer.limit_val_batches=0",  # one compiled graph (training), not two
                                    "evaluate.enabled=false", "mlflow.enabled=false"], command="train")
     result = train(cfg)
     state = torch.load(result["ckpt"], weights_only=True)["state_dict"]
