@@ -50,6 +50,7 @@ FULL = dict(
     compile=True, compile_repeats=7,
     loop_batch=16, loop_clips=4096, loop_steps=320, loop_order=["cold", "before", "warm", "before", "warm"],
     grid_seeds=[0, 1], grid_steps=300, grid_workers=2, grid_strategies=None, grid_data=[],
+    stacked_k=3, stacked_repeats=15,
     end_to_end=True,
 )  # fmt: skip
 QUICK = dict(
@@ -63,6 +64,7 @@ QUICK = dict(
     loop_batch=4, loop_clips=64, loop_steps=24, loop_order=["cold", "before", "warm"],
     grid_seeds=[0, 1], grid_steps=5, grid_workers=2, grid_strategies=["adaln_zero"],
     grid_data=["data.split_sizes.train=128", "data.split_sizes.val=32"],
+    stacked_k=2, stacked_repeats=2,
     end_to_end=False,
 )  # fmt: skip
 
@@ -489,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.configure(args.device, args.precision)
     from peers import PEER_SIZES, bench_peer_sampling, bench_peer_training
     from scaling import SCALING_SIZES, bench_fvd_features, bench_scaling
+    from stacked import bench_stacked_seeds
 
     mode = "quick" if args.quick else "full"
     sizes, peer, scale = QUICK if args.quick else FULL, PEER_SIZES[mode], SCALING_SIZES[mode]
@@ -528,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         11: ("training loop vs bare step, before/now", lambda: bench_training_loop(sizes)),
         12: ("end-to-end ablation", lambda: bench_end_to_end(sizes)),
         13: ("grid throughput: one trial at a time vs local workers", lambda: bench_grid_workers(sizes)),
+        14: ("stacked seeds: K models as one vmapped model vs one after another", lambda: bench_stacked_seeds(sizes)),
     }
     chosen = sorted(stages) if args.only is None else sorted(int(x) for x in args.only.split(","))
     chosen = sorted({*chosen, *([2] if 3 in chosen else []), *([4] if 6 in chosen else [])})
