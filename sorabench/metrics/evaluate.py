@@ -1,4 +1,4 @@
-"""`sorabench evaluate` and `sorabench train-evaluator`: FVD, FID, KID and text–video alignment with a pinned protocol.
+"""`sorabench evaluate`: FVD, FID, KID and text–video alignment with a pinned protocol.
 
 - `evaluate_module(dit_module, cfg, logger, step)` samples clips for prompts of the eval split (seen and unseen
   compositions), computes FVD (clips), FID and KID (frames) against real clips of that split, and the alignment of
@@ -6,7 +6,8 @@
   `EvaluateCallback` runs it every N training steps (FVD vs step).
 - `sorabench evaluate ckpt=<dit checkpoint>` does the same for a checkpoint and logs into that run's MLflow entry;
   `sorabench evaluate real_root=<dir> fake_root=<dir>` compares two folders of videos.
-- The evaluator (the embedded default feature network) is trained once per data config and cached.
+- The evaluator (the embedded default feature network) is trained once per data config and cached
+  (`sorabench.training.evaluator_module.ensure_evaluator`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from sorabench.config import ConfigError, compose_config, config_key, require, to_container
+from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import build_dataset, clip_fields
-from sorabench.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES
+from sorabench.data.shapes import ATTRIBUTE_NAMES
 from sorabench.metrics.alignment import attribute_accuracy
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import (
@@ -35,88 +36,10 @@ from sorabench.metrics.fvd import (
     load_real_statistics,
     save_real_statistics,
 )
-from sorabench.training.trainer import build_trainer, fit, last_checkpoint
+from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
+from sorabench.training.runs import load_dit
 
 console = Console(soft_wrap=True)
-EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size")
-
-
-# ---- the evaluator ---------------------------------------------------------------------------------------------
-
-
-def evaluator_module_kwargs(cfg: DictConfig) -> dict:
-    ev = to_container(cfg.metrics.evaluator)
-    return {k: v for k, v in ev.items() if k not in EVALUATOR_TRAINING_KEYS}
-
-
-def run_evaluator_training(cfg: DictConfig) -> Path:
-    """Train the attribute classifier on `cfg.data` (train split) and report held-out accuracy per attribute."""
-    from sorabench.data.module import VideoDataModule
-    from sorabench.tracking import make_logger
-    from sorabench.training.commands import TagCheckpointKind, finished_result, write_result
-    from sorabench.training.evaluator_module import EvaluatorModule
-
-    run_dir = Path(cfg.run_dir)
-    if finished_result(run_dir):
-        return Path(finished_result(run_dir)["ckpt"])
-    require(cfg.data.name == "shapes", "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
-    L.seed_everything(cfg.seed, workers=True)
-    attributes = {name: len(values) for name, values in ATTRIBUTES.items()}
-    module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
-    data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
-    logger = make_logger(cfg)
-    trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
-    t0 = time.time()
-    # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
-    # compositions, so it reads unseen prompts' clips as well as seen ones.
-    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
-    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
-    table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
-    for name in [*ATTRIBUTE_NAMES, "all"]:
-        table.add_row(name, f"{accuracy['test'][name]:.3f}")
-    console.print(table)
-    if logger is not None:
-        logger.log_metrics({f"heldout/{split}/acc_{k}": v for split, acc in accuracy.items() for k, v in acc.items()})
-    ckpt = last_checkpoint(run_dir)
-    write_result(run_dir, {"ckpt": str(ckpt), "accuracy": accuracy, "train_seconds": time.time() - t0})
-    return ckpt
-
-
-@torch.no_grad()
-def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
-    dataset = build_dataset(data_cfg, split, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
-    module.eval()
-    correct = []
-    for batch in loader:
-        logits = module(batch["video"].to(module.device))
-        correct.append(torch.stack([logits[n].argmax(1).cpu() == batch["labels"][:, i]
-                                    for i, n in enumerate(ATTRIBUTE_NAMES)], dim=1))
-    c = torch.cat(correct)
-    return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(ATTRIBUTE_NAMES)}, "all": float(c.all(1).float().mean())}
-
-
-def ensure_evaluator(cfg: DictConfig) -> Path:
-    """The evaluator checkpoint: `metrics.evaluator_checkpoint`, or one trained once for this data config."""
-    from sorabench.training.commands import shared_asset_config, train_shared_asset
-
-    if cfg.metrics.get("evaluator_checkpoint"):
-        path = Path(cfg.metrics.evaluator_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"metrics.evaluator_checkpoint={str(path)!r} does not exist")
-        return path
-    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
-    evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
-    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(to_container(cfg.data)), to_container(evaluator)),
-                              {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps})
-    return train_shared_asset(sub, run_evaluator_training, "evaluator")
-
-
-def load_evaluator(path: str | Path):
-    from sorabench.training.commands import load_checkpoint_module
-    from sorabench.training.evaluator_module import EvaluatorModule
-
-    return load_checkpoint_module(EvaluatorModule, path, "evaluator").eval()
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -578,8 +501,6 @@ def main(cfg: DictConfig) -> int:
         print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
-    from sorabench.training.commands import load_dit
-
     module = load_dit(cfg.ckpt)
     # Log into the checkpoint's own run: its run directory holds the MLflow run id.
     run_dir = Path(cfg.ckpt).resolve().parent.parent
