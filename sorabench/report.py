@@ -37,7 +37,8 @@ from sorabench.tracking import check_tracking_uri
 
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
-ATTRS = ("all", "colour", "shape", "size", "direction", "speed")  # report order: all attributes first
+# Display order of the attributes the runs logged: all attributes first, then shapes' own order, then the rest by name.
+ATTRS = ("all", "colour", "shape", "size", "direction", "speed")
 KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
 TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
@@ -289,8 +290,9 @@ def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Per attribute, what the evaluator reads from real clips, from the VAE's reconstructions of them (the ceiling
     any latent DiT is measured against) and from noise: `eval/<source>_acc_<attr>`, mean over runs (they share
     the evaluator, the VAE and the clips, so the runs agree unless those differ: `spread` is max − min)."""
+    found = {m.group(1) for c in runs.columns if (m := re.fullmatch(r"eval/(?:real|ceiling|noise)_acc_(.+)", str(c)))}
     rows = []
-    for attr in ATTRS:
+    for attr in [a for a in ATTRS if a in found] + sorted(found - set(ATTRS)):
         row = {"attribute": attr}
         for src in REFERENCE_SOURCES:
             values = _finite(runs[f"eval/{src}_acc_{attr}"]) if f"eval/{src}_acc_{attr}" in runs else np.array([])

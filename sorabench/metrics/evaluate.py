@@ -24,8 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sorabench.config import ConfigError, config_key, require, to_container
-from sorabench.data.module import build_dataset, clip_fields
-from sorabench.data.shapes import ATTRIBUTE_NAMES
+from sorabench.data.module import attribute_schema, build_dataset, clip_fields
 from sorabench.metrics.alignment import attribute_accuracy
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import (
@@ -67,7 +66,8 @@ def check_metrics_config(cfg: DictConfig) -> None:
             path = Path(m[net].path)
             if not path.is_file():
                 raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
-    if m.features == "evaluator" and cfg.data.name != "shapes" and not m.get("evaluator_on_other_data", False):
+    labelled = bool(attribute_schema(to_container(cfg.data)))
+    if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
                           "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
 
@@ -116,7 +116,7 @@ def eval_prompts(dataset, n: int) -> dict:
     """Captions, attribute labels and unseen flags of the first n items, without keeping their videos."""
     if hasattr(dataset, "entries"):  # a folder: captions are in the index, no decoding needed
         return {"caption": [c for _, c in dataset.entries[:n]],
-                "labels": torch.full((n, len(ATTRIBUTE_NAMES)), -1, dtype=torch.long),
+                "labels": torch.zeros((n, len(dataset.attributes)), dtype=torch.long),  # no labels: 0 columns
                 "unseen": torch.zeros(n, dtype=torch.bool)}
     items = [dataset[i] for i in range(n)]
     return {"caption": [it["caption"] for it in items], "labels": torch.stack([it["labels"] for it in items]),
@@ -195,8 +195,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         out["eval/fid"] = float(frame_metrics[0].compute())
         kid_mean, kid_std = frame_metrics[1].compute()
         out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
-    if logits and prompt_labels is not None and (prompt_labels >= 0).all():
-        joined = {name: torch.cat([c[name] for c in logits]) for name in ATTRIBUTE_NAMES}
+    if logits and prompt_labels is not None and prompt_labels.shape[1] and (prompt_labels >= 0).all():
+        joined = {name: torch.cat([c[name] for c in logits]) for name in logits[0]}  # the evaluator's heads
         out.update(alignment_from_logits(joined, prompt_labels, prompt_unseen))
     return out
 
@@ -205,14 +205,15 @@ def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") ->
     """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
     levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate),
     from the evaluator's logits of those clips."""
-    report = attribute_accuracy(logits, labels, unseen, ATTRIBUTE_NAMES)
+    names = list(logits)  # the evaluator's heads: the label schema it was trained on, in label-column order
+    report = attribute_accuracy(logits, labels, unseen, names)
     out = {}
-    for attr in [*ATTRIBUTE_NAMES, "all"]:
+    for attr in [*names, "all"]:
         out[f"{prefix}/acc_{attr}"] = report["overall"]["acc"][attr]
         out[f"{prefix}/acc_{attr}_seen"] = report["seen"]["acc"][attr]
         out[f"{prefix}/acc_{attr}_unseen"] = report["unseen"]["acc"][attr]
         out[f"{prefix}/chance_{attr}"] = report["chance_uniform"][attr]
-    for attr in ATTRIBUTE_NAMES:
+    for attr in names:
         out[f"{prefix}/pred_entropy_{attr}"] = report["predictions"][attr]["entropy"]
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -242,9 +243,9 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dic
     out = {}
     for source, chunks in logits.items():
         if chunks:
-            joined = {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTE_NAMES}
+            joined = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
             acc = alignment_from_logits(joined, labels, unseen, "r")
-            out.update({f"eval/{source}_acc_{a}": acc[f"r/acc_{a}"] for a in [*ATTRIBUTE_NAMES, "all"]})
+            out.update({f"eval/{source}_acc_{a}": acc[f"r/acc_{a}"] for a in [*joined, "all"]})
     return out
 
 
@@ -256,8 +257,10 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dic
 # (val), where the report chooses each strategy's best scale: choosing it on the test prompts would be selection on
 # test. MLflow metric names cannot hold '@', hence the `cfg<scale>/` level.
 
-AXIS_METRICS = ("fvd", "fid", "kid", *[f"acc_{a}" for a in (*ATTRIBUTE_NAMES, "all")], "acc_all_seen",
-                "acc_all_unseen")  # logged per scale: the headline numbers, not every diagnostic
+def axis_metrics(scored: dict[str, float]) -> list[str]:
+    """What is logged per scale: the headline numbers, not every diagnostic (every attribute scored has a chance)."""
+    attrs = [k.removeprefix("eval/chance_") for k in scored if k.startswith("eval/chance_")]
+    return ["fvd", "fid", "kid", *[f"acc_{a}" for a in attrs], "acc_all_seen", "acc_all_unseen"]
 
 
 def guidance_key(metric: str, scale: float, prefix: str = "eval") -> str:
@@ -284,7 +287,7 @@ def check_guidance_axis(m: DictConfig) -> list[float]:
 
 
 def _axis_scores(scored: dict[str, float], scale: float, prefix: str) -> dict[str, float]:
-    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in AXIS_METRICS if f"eval/{k}" in scored}
+    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in axis_metrics(scored) if f"eval/{k}" in scored}
 
 
 def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, splits: list, default_fake: torch.Tensor,
@@ -337,7 +340,7 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
     check_metrics_config(cfg)
     scales = check_guidance_axis(m)
     data_cfg = to_container(cfg.data)
-    evaluator = load_evaluator(ensure_evaluator(cfg)).net if data_cfg["name"] == "shapes" else None
+    evaluator = load_evaluator(ensure_evaluator(cfg)).net if attribute_schema(data_cfg) else None
     nets = build_feature_networks(to_container(m), evaluator)
     dataset = build_dataset(data_cfg, m.real_split, train=False)
     n, bs = int(m.n_samples), int(m.batch_size)

@@ -16,7 +16,14 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 from sorabench.config import ConfigError, require, to_container
-from sorabench.data.module import SkippedSamplesReport, VideoDataModule, build_dataset, clip_fields, dataset_config
+from sorabench.data.module import (
+    SkippedSamplesReport,
+    VideoDataModule,
+    attribute_schema,
+    build_dataset,
+    clip_fields,
+    dataset_config,
+)
 from sorabench.data.video_io import write_clips
 from sorabench.files import atomic_save
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
@@ -157,7 +164,8 @@ def validate_train_config(cfg: DictConfig):
         for split in ("train", "val"):
             build_dataset(to_container(cfg.data), split)
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
-    if evaluating and cfg.metrics.features == "evaluator" and cfg.data.name != "shapes":
+    labelled = bool(attribute_schema(to_container(cfg.data)))  # the evaluator needs the dataset's attribute labels
+    if evaluating and cfg.metrics.features == "evaluator" and not labelled:
         raise ConfigError(f"metrics=evaluator needs data=shapes (its attribute labels); with data={cfg.data.name} use "
                           "metrics=i3d (standard FVD), metrics=torchscript (your feature network files) or "
                           "evaluate.enabled=false")
@@ -275,7 +283,7 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
             text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
             frozen_text_encoder(cfg.text_encoder.name, **text_cfg).precompute(captions, cache_dir=cfg.cache_dir)
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
-    if evaluating and (cfg.metrics.features == "evaluator" or cfg.data.name == "shapes"):
+    if evaluating and (cfg.metrics.features == "evaluator" or attribute_schema(to_container(cfg.data))):
         ensure_evaluator(cfg)
 
 

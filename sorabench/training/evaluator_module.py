@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sorabench.config import compose_config, require, to_container
-from sorabench.data.module import VideoDataModule, build_dataset, clip_fields
-from sorabench.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES
+from sorabench.data.module import VideoDataModule, attribute_schema, build_dataset, clip_fields
 from sorabench.models.evaluator import VideoAttributeClassifier
 from sorabench.tracking import make_logger
 from sorabench.training.runs import (
@@ -104,11 +103,11 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     if finished_result(run_dir):
         return Path(finished_result(run_dir)["ckpt"])
-    require(cfg.data.name == "shapes", "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
-    L.seed_everything(cfg.seed, workers=True)
-    attributes = {name: len(values) for name, values in ATTRIBUTES.items()}
-    module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
     data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
+    attributes = attribute_schema(data)  # one head per attribute of the dataset's label schema
+    require(bool(attributes), "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
+    L.seed_everything(cfg.seed, workers=True)
+    module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
     logger = make_logger(cfg)
     trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
     t0 = time.time()
@@ -117,7 +116,7 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
     accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
     table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
-    for name in [*ATTRIBUTE_NAMES, "all"]:
+    for name in [*module.attribute_names, "all"]:
         table.add_row(name, f"{accuracy['test'][name]:.3f}")
     console.print(table)
     if logger is not None:
@@ -132,13 +131,13 @@ def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
     dataset = build_dataset(data_cfg, split, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256)
     module.eval()
-    correct = []
+    names, correct = module.attribute_names, []
     for batch in loader:
         logits = module(batch["video"].to(module.device))
         correct.append(torch.stack([logits[n].argmax(1).cpu() == batch["labels"][:, i]
-                                    for i, n in enumerate(ATTRIBUTE_NAMES)], dim=1))
+                                    for i, n in enumerate(names)], dim=1))
     c = torch.cat(correct)
-    return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(ATTRIBUTE_NAMES)}, "all": float(c.all(1).float().mean())}
+    return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(names)}, "all": float(c.all(1).float().mean())}
 
 
 def ensure_evaluator(cfg: DictConfig) -> Path:
