@@ -20,8 +20,8 @@ import time
 import torch
 
 from sorabench.data.module import build_dataset
+from sorabench.metrics.features import I3DFeatures
 from sorabench.metrics.fvd import FrechetVideoDistance
-from sorabench.metrics.i3d import I3DFeatures
 
 
 class Timed(torch.nn.Module):

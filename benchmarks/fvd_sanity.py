@@ -16,10 +16,11 @@ import torch
 
 from sorabench.config import compose_config, to_container
 from sorabench.data.module import build_dataset
-from sorabench.metrics.evaluate import ensure_evaluator, load_evaluator
 from sorabench.metrics.features import EvaluatorFeatures
 from sorabench.metrics.fvd import FrechetVideoDistance
-from sorabench.training.commands import build_dit_module, ensure_vae, load_vae
+from sorabench.training.commands import build_dit_module, ensure_vae
+from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
+from sorabench.training.runs import load_vae
 
 
 def fvd(net, real: torch.Tensor, fake: torch.Tensor, batch: int = 128) -> float:

@@ -31,11 +31,11 @@ import torch
 from harness import CAPTION_LENGTHS, CONF, ROOT, TEXT_LEN, Row, autocast, build_dit, fake_text, log, side_by_side, timeit, train_step_fn
 from omegaconf import OmegaConf
 
-from sorabench.cli import quiet_libraries
 from sorabench.data.shapes import ShapesConfig, make_split
 from sorabench.diffusion import RectifiedFlow
 from sorabench.models.dit import caption_flops
 from sorabench.models.vae import build_vae
+from sorabench.tracking import quiet_libraries
 
 STRATEGIES = ["in_context", "cross_attention", "adaln_zero", "adaln", "hybrid"]
 

@@ -35,11 +35,10 @@ from torch import nn
 
 from sorabench.data.shapes import ATTRIBUTES
 from sorabench.diffusion import RectifiedFlow
-from sorabench.metrics.evaluate import EVALUATOR_TRAINING_KEYS
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance
 from sorabench.models.dit import DiT, caption_flops
-from sorabench.training.evaluator_module import EvaluatorModule
+from sorabench.training.evaluator_module import EVALUATOR_TRAINING_KEYS, EvaluatorModule
 
 # frames × latent: sweep the frame count at a fixed latent size, then the latent size at a fixed frame count.
 # quick: a smoke check (frames 2, 4 at 4×4; latents 4×4, 8×8 at 4 frames); 160 clips per FVD side exceed the

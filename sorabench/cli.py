@@ -7,12 +7,10 @@ A wrong key or value, or bad input data, is one line on stderr and exit code 2 â
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
-import warnings
 
 from sorabench.config import ConfigError, compose_config
+from sorabench.tracking import quiet_libraries
 
 # command -> (config under conf/, "module:function" taking the composed config, one-line description)
 COMMANDS = {
@@ -66,25 +64,6 @@ def command_help(command: str) -> str:
     lines += [f"  {g}: {', '.join(opts)}" for g, opts in options.items() if opts]
     lines.append(f"\nsee the full config with: sorabench {command} --cfg job")
     return "\n".join(lines)
-
-
-def quiet_libraries():
-    """Keep the terminal for sorabench's own output: no telemetry (these machines are offline), no tips, and no
-    warnings that a user cannot act on."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import ("Creating tables")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    for message in (
-        ".*LeafSpec.*",  # a Lightning-internal deprecation
-        ".*module\\(s\\) in eval mode.*",  # frozen feature networks and text encoders are eval on purpose
-        ".*will save all extracted features in buffer.*",  # KID: bounded by metrics.n_real / n_samples
-        ".*smaller than the logging interval.*",
-        ".*does not have many workers.*",  # in-memory datasets need no loader workers
-    ):
-        warnings.filterwarnings("ignore", message=message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Files that several processes share: sweep workers on one machine, or on many machines with one `outputs=`.
+"""Files: their SHA-256s (the identities that key caches and checkpoints), and files that several processes share:
+sweep workers on one machine, or on many machines with one `outputs=`.
 
 Every shared asset (latent and caption caches, real feature statistics, `result.json`, checkpoints) is written to a
 temporary name of its own — host, process and a random suffix, so no two writers ever touch the same temporary file
@@ -11,6 +12,7 @@ POSIX record lock (`fcntl.lockf`), which NFS forwards to the server, unlike BSD 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import uuid
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def temp_path(path: str | Path) -> Path:
@@ -62,3 +65,20 @@ def file_lock(path: str | Path):
             yield
         finally:
             fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Hash of a module's weights and buffers (names, dtypes, shapes, values), independent of any file format."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

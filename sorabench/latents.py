@@ -16,8 +16,7 @@ import torch
 from sorabench.config import config_key
 from sorabench.data.folder import collate_skipping
 from sorabench.data.module import build_dataset, clip_fields
-from sorabench.files import atomic_save
-from sorabench.metrics.features import file_sha256
+from sorabench.files import atomic_save, file_sha256
 
 
 def cache_key(vae_ckpt: str | Path, data_cfg: dict, split: str) -> str:

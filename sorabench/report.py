@@ -30,14 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sorabench.config import ConfigError, require
 from sorabench.tracking import check_tracking_uri
 
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
-ATTRS = ("all", "colour", "shape", "size", "direction", "speed")  # report order: all attributes first
+# Display order of the attributes the runs logged: all attributes first, then shapes' own order, then the rest by name.
+ATTRS = ("all", "colour", "shape", "size", "direction", "speed")
 KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
 TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
@@ -60,6 +61,57 @@ def metric_direction(metric: str, direction: str = "auto") -> str:
     base = metric.rsplit("/", 1)[-1].lower()
     higher = base.startswith("acc") or "accuracy" in base or base in ("precision", "recall", "clip_score", "is")
     return "maximize" if higher else "minimize"
+
+
+def group_keys(group_by) -> list[str]:
+    """`group_by` as a list of keys: `strategy` (the conditioning label, the default) and/or dotted config keys."""
+    keys = [group_by] if isinstance(group_by, str) else list(group_by or [])
+    require(bool(keys) and all(isinstance(k, str) and k for k in keys), "group_by", group_by,
+            "must be a dotted config key (e.g. optim.lr) or a list of them, [strategy,dit.width]")
+    return keys
+
+
+def group_labels(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """The report row of each run: its strategy and/or the values of config keys (logged as params), so that runs of
+    different configurations are never pooled into one row: ["strategy", "optim.lr"] -> 'adaln_zero, optim.lr=0.001'."""
+    parts = []
+    for key in keys:
+        if key == "strategy":
+            parts.append(runs["strategy"].astype(str))
+            continue
+        if f"params.{key}" not in runs:
+            logged = ", ".join(sorted(c.removeprefix("params.") for c in runs if c.startswith("params."))) or "none"
+            raise ConfigError(f"group_by={key!r}: no run logged this config key; logged: {logged}")
+        parts.append(key + "=" + runs[f"params.{key}"].fillna("?").astype(str))
+    label = parts[0]
+    for part in parts[1:]:
+        label = label + ", " + part
+    return label
+
+
+def pareto_front(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:
+    """True for the runs no other run dominates (at least as good on every objective, better on one); a run without a
+    finite value of every objective is never on the front."""
+    signs = [1.0 if direction == "minimize" else -1.0 for _, direction in objectives]
+    values = np.stack([pd.to_numeric(runs[m], errors="coerce").to_numpy(dtype=float) * s
+                       for (m, _), s in zip(objectives, signs)], axis=1) if len(runs) else np.zeros((0, 2))
+    finite = np.isfinite(values).all(1)
+    front = []
+    for i, v in enumerate(values):
+        dominated = ((values <= v).all(1) & (values < v).any(1) & finite).any()
+        front.append(bool(finite[i] and not dominated))
+    return pd.Series(front, index=runs.index, dtype=bool)
+
+
+def sweep_objectives(parents: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (metric, direction) objectives of the study, from the sweep config its parent run records (`sweep_yaml`)."""
+    if parents.empty or "tags.sweep_yaml" not in parents or not isinstance(parents["tags.sweep_yaml"].iloc[-1], str):
+        return []
+    try:
+        sweep = OmegaConf.to_container(OmegaConf.create(parents["tags.sweep_yaml"].iloc[-1]))
+    except Exception:  # noqa: BLE001 - a cut-off tag (MLflow keeps 5000 characters): no objectives, no front
+        return []
+    return [(str(o["metric"]), str(o["direction"])) for o in (sweep.get("objectives") or []) if isinstance(o, dict)]
 
 
 def _finite(values) -> np.ndarray:
@@ -238,8 +290,9 @@ def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
     """Per attribute, what the evaluator reads from real clips, from the VAE's reconstructions of them (the ceiling
     any latent DiT is measured against) and from noise: `eval/<source>_acc_<attr>`, mean over runs (they share
     the evaluator, the VAE and the clips, so the runs agree unless those differ: `spread` is max − min)."""
+    found = {m.group(1) for c in runs.columns if (m := re.fullmatch(r"eval/(?:real|ceiling|noise)_acc_(.+)", str(c)))}
     rows = []
-    for attr in ATTRS:
+    for attr in [a for a in ATTRS if a in found] + sorted(found - set(ATTRS)):
         row = {"attribute": attr}
         for src in REFERENCE_SOURCES:
             values = _finite(runs[f"eval/{src}_acc_{attr}"]) if f"eval/{src}_acc_{attr}" in runs else np.array([])
@@ -708,6 +761,30 @@ def _save_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Pat
     return path
 
 
+def plot_pareto(runs: pd.DataFrame, front: pd.Series, objectives: list[tuple[str, str]], path: Path,
+                by: str = "strategy") -> Path:
+    """Every completed run on the two objectives, one colour per report row; the non-dominated runs joined by a line."""
+    (x, dx), (y, dy) = objectives
+    fig, ax = _new_plot()
+    for name, g in runs.groupby(by, sort=True):
+        ax.scatter(pd.to_numeric(g[x], errors="coerce"), pd.to_numeric(g[y], errors="coerce"), s=18, label=str(name))
+    f = runs[front].assign(_x=lambda d: pd.to_numeric(d[x]), _y=lambda d: pd.to_numeric(d[y])).sort_values("_x")
+    ax.plot(f["_x"], f["_y"], color="black", lw=1, marker="o", mfc="none", ms=9, label="Pareto front")
+    return _save_plot(fig, ax, path, f"{x} ({_arrow(dx)})", f"{y} ({_arrow(dy)})",
+                      f"{x} vs {y}: {int(front.sum())} non-dominated of {len(runs)} runs")
+
+
+def pareto_markdown(runs: pd.DataFrame, front: pd.Series, objectives: list[tuple[str, str]], plot: str) -> list[str]:
+    names = " and ".join(f"{m} ({_arrow(d)})" for m, d in objectives)
+    md = ["## Pareto front", "", f"The study has two objectives, {names}. A run is on the front when no other "
+          "completed run is at least as good on both and better on one (each run is one point; seeds are not "
+          "averaged).", ""]
+    rows = [[fmt(r.trial), r.strategy, *[fmt(r[m]) for m, _ in objectives], r.run_id]
+            for _, r in runs[front].sort_values(objectives[0][0]).iterrows()]
+    md += [md_table(["trial", "row", *[m for m, _ in objectives], "run"], rows), "", f"![Pareto front]({plot})", ""]
+    return md
+
+
 def plot_name(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_") + ".png"
 
@@ -719,16 +796,18 @@ def render_markdown(
     *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
     tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
     refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None, guidance: list[str] = (),
+    pareto: list[str] = (), row: str = "strategy",
 ) -> str:
     order = list(summary.index)
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
 
-    md += [f"## Strategies, ranked by {metric} ({_arrow(direction)})", ""]
+    ranked = "Strategies" if row == "strategy" else f"Rows (group_by: {row})"
+    md += [f"## {ranked}, ranked by {metric} ({_arrow(direction)})", ""]
     md.append("Mean ± 95% confidence interval over seeds (Student t: mean ± t₀.₉₇₅,ₙ₋₁·s/√n; n/a with one run). "
               "Only COMPLETE runs count.")
     md.append("")
     key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
-    headers = ["rank", "strategy", "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs"]
+    headers = ["rank", row, "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs"]
     rows = [
         [fmt(summary.loc[s, "rank"], 3), s, int(summary.loc[s, "n"]), *[_summary_cell(summary, s, m) for m in key],
          fmt_params(summary.loc[s].get(f"{PARAMS}_mean")), fmt(summary.loc[s].get(f"{GFLOPS}_mean"), 3)]
@@ -820,6 +899,7 @@ def render_markdown(
         md += [md_table(headers, rows), ""]
 
     md += list(guidance)
+    md += list(pareto)
 
     md += ["## Failed, pruned and unfinished runs", ""]
     if excluded.empty:
@@ -841,7 +921,8 @@ def render_markdown(
     return "\n".join(md)
 
 
-def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_dir: Path, files: list[str]):
+def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_dir: Path, files: list[str],
+           row: str = "strategy"):
     from rich.console import Console
     from rich.table import Table
 
@@ -849,8 +930,8 @@ def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_di
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(soft_wrap=True, width=200)
     key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
-    table = Table("rank", "strategy", "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs",
-                  title=f"strategies by {metric} (mean ± 95% CI)")
+    table = Table("rank", row, "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs",
+                  title=f"{'strategies' if row == 'strategy' else row} by {metric} (mean ± 95% CI)")
     for s in summary.index:
         table.add_row(
             fmt(summary.loc[s, "rank"], 3), str(s), str(int(summary.loc[s, "n"])),
@@ -880,6 +961,8 @@ def main(cfg: DictConfig) -> int:
     key = "experiment" if cfg.experiment is not None else "study"
     metric = str(cfg.metric)
     direction = metric_direction(metric, str(cfg.direction))
+    keys = group_keys(OmegaConf.to_container(cfg.group_by) if OmegaConf.is_config(cfg.group_by) else cfg.group_by)
+    row = " × ".join(keys)
     uri = str(cfg.mlflow.tracking_uri)
     client = _open_store(uri)
 
@@ -896,6 +979,10 @@ def main(cfg: DictConfig) -> int:
     frame, all_metrics = runs_frame(search_all_runs(client, experiment.experiment_id))
     children, parents = select_study_runs(frame, study)
     children = children.sort_values(["trial", "start_time"], na_position="last", kind="stable")
+    labels = group_labels(children, keys)
+    runs_csv = children.assign(group=labels)
+    # Every statistic groups by the `strategy` column: with group_by it holds the row label instead.
+    children = children.assign(strategy=labels)
     complete = children[children.state == COMPLETE]
     excluded = children[children.state != COMPLETE]
     if complete.empty:
@@ -936,6 +1023,12 @@ def main(cfg: DictConfig) -> int:
                                    "tags.eval.protocol.guidance_select_split") if k in complete)
     guidance_md = guidance_markdown(guidance, best, axis_metric, axis_direction, guidance_plots,
                                     protocol or "protocol tags not logged")
+    objectives = sweep_objectives(parents)
+    pareto_md, pareto_plot = [], None
+    if len(objectives) == 2 and all(m in metrics for m, _ in objectives):
+        front = pareto_front(complete, objectives)
+        pareto_plot = plot_pareto(complete, front, objectives, out_dir / "pareto.png").name
+        pareto_md = pareto_markdown(complete, front, objectives, pareto_plot)
     parent_id = parents.run_id.iloc[-1] if len(parents) else None
     counts = children.state.value_counts()
     header = [
@@ -944,6 +1037,7 @@ def main(cfg: DictConfig) -> int:
         "parent run: " + (f"`{parent_id}`" if parent_id else "none (all runs of the experiment)"),
         "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
         f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
+        f"rows: one per {row} (group_by)",
         budget_line(complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
@@ -951,9 +1045,11 @@ def main(cfg: DictConfig) -> int:
         title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
         refs=reference_points(complete), power=headline_power(complete, summary, tested), guidance=guidance_md,
+        pareto=pareto_md, row=row,
     )
 
     files = ["report.md", "summary.csv", "pairwise.csv", "runs.csv", *plots.values()]
+    files += [pareto_plot] if pareto_plot else []
     if len(guidance):
         guidance.to_csv(out_dir / "guidance.csv", index=False)
         best.to_csv(out_dir / "guidance_best.csv", index=False)
@@ -962,7 +1058,7 @@ def main(cfg: DictConfig) -> int:
     summary.reset_index().to_csv(out_dir / "summary.csv", index=False)
     pairwise = pd.concat(list(tests.values())) if tests else pd.DataFrame(columns=PAIRWISE_COLUMNS)
     pairwise.to_csv(out_dir / "pairwise.csv", index=False)
-    children.to_csv(out_dir / "runs.csv", index=False)
+    runs_csv.to_csv(out_dir / "runs.csv", index=False)
 
     if parent_id:
         try:
@@ -970,5 +1066,5 @@ def main(cfg: DictConfig) -> int:
                 client.log_artifact(parent_id, str(out_dir / f), artifact_path="report")
         except Exception as e:  # noqa: BLE001 — the files are written; an unreachable artifact store is only a warning
             print(f"warning: could not log the report to parent run {parent_id}: {e}", file=sys.stderr)
-    _print(summary, metric, direction, text, out_dir, files)
+    _print(summary, metric, direction, text, out_dir, files, row)
     return 0

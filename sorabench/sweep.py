@@ -344,7 +344,8 @@ def trial_values(trial: optuna.Trial, sweep: dict) -> dict | None:
 
 
 def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp: bool = False):
-    from sorabench.training.commands import NonFiniteLossError, train
+    from sorabench.training.commands import train
+    from sorabench.training.dit_module import NonFiniteLossError
 
     def objective(trial: optuna.Trial):
         values = trial_values(trial, sweep)
@@ -469,7 +470,7 @@ def worker_threads(cfg: DictConfig) -> int:
 
 def _local_worker(cfg_yaml: str) -> None:
     """Entry point of a local worker process (multiprocessing, spawn): the same study, one trial at a time."""
-    from sorabench.cli import quiet_libraries
+    from sorabench.tracking import quiet_libraries
 
     quiet_libraries()
     cfg = OmegaConf.create(cfg_yaml)

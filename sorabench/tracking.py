@@ -7,9 +7,12 @@ an `http(s)://` URI of an `mlflow server` works the same and is checked for reac
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import socket
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -154,3 +157,22 @@ def log_artifact(logger, path: str | Path, artifact_path: str | None = None):
 
     if isinstance(logger, MLFlowLogger):
         logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
+
+
+def quiet_libraries():
+    """Keep the terminal for sorabench's own output: no telemetry (these machines are offline), no tips, and no
+    warnings that a user cannot act on."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import ("Creating tables")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for message in (
+        ".*LeafSpec.*",  # a Lightning-internal deprecation
+        ".*module\\(s\\) in eval mode.*",  # frozen feature networks and text encoders are eval on purpose
+        ".*will save all extracted features in buffer.*",  # KID: bounded by metrics.n_real / n_samples
+        ".*smaller than the logging interval.*",
+        ".*does not have many workers.*",  # in-memory datasets need no loader workers
+    ):
+        warnings.filterwarnings("ignore", message=message)

@@ -6,7 +6,7 @@ import torch
 
 from sorabench.config import ConfigError
 from sorabench.data.folder import DataError, FolderConfig, FolderDataset, collate_skipping
-from sorabench.data.module import VideoDataModule, dataset_config
+from sorabench.data.module import VideoDataModule, attribute_schema, dataset_config
 from sorabench.data.shapes import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
@@ -129,6 +129,14 @@ def test_folder_reads_mp4_and_gif_resized_and_cropped(video_folder):
         assert v.shape == (3, 8, 32, 32) and v.min() >= -1 and v.max() <= 1
         assert v[0].max() > 0.5  # the red square survived decoding
     assert {ds[0]["caption"], ds[1]["caption"]} == {"a red square moving right", "gif"}
+
+
+def test_datasets_declare_their_label_schema(video_folder):
+    # shapes: one labels column per attribute, in ATTRIBUTES order; folder: captions only, so no (fake) labels
+    assert attribute_schema({"name": "shapes"}) == {name: len(values) for name, values in ATTRIBUTES.items()}
+    assert attribute_schema({"name": "folder", "root": str(video_folder)}) == {}
+    ds = FolderDataset(folder_cfg(video_folder), "train", train=False)
+    assert ds[0]["labels"].shape == (0,) and collate_skipping([ds[0], ds[1]])["labels"].shape == (2, 0)
 
 
 def test_folder_frame_stride_and_random_offset(video_folder):

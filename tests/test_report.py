@@ -345,3 +345,96 @@ def test_budget_line_states_the_budget():
     assert "equal FLOPs" in budget_line(flops) and "adaln_zero" in budget_line(flops) and "800, 1200" in budget_line(flops)
     assert "equal steps" in budget_line(pd.DataFrame({"params.trainer.max_steps": ["5"]}))
     assert "MIXED" in budget_line(pd.DataFrame({"params.budget": ["flops", "steps"]}))
+
+
+# ------------------------------------------------------------------------------- group_by and the Pareto front
+
+
+def test_group_labels_keep_configurations_apart():
+    from sorabench.report import group_keys, group_labels
+
+    runs = pd.DataFrame({"strategy": ["a", "a", "b"], "params.optim.lr": ["0.001", "0.002", "0.001"]})
+    assert list(group_labels(runs, ["strategy"])) == ["a", "a", "b"]
+    assert list(group_labels(runs, group_keys("optim.lr"))) == ["optim.lr=0.001", "optim.lr=0.002", "optim.lr=0.001"]
+    assert list(group_labels(runs, ["strategy", "optim.lr"])) == ["a, optim.lr=0.001", "a, optim.lr=0.002",
+                                                                  "b, optim.lr=0.001"]
+    with pytest.raises(ConfigError, match=r"group_by='dit.width'.*logged: optim.lr"):
+        group_labels(runs, ["dit.width"])
+
+
+def test_pareto_front_is_the_non_dominated_runs():
+    from sorabench.report import pareto_front
+
+    runs = pd.DataFrame({"fvd": [10.0, 8.0, 12.0, 8.0, 5.0, np.nan], "gflops": [1.0, 2.0, 1.5, 3.0, 9.0, 0.1]})
+    front = pareto_front(runs, [("fvd", "minimize"), ("gflops", "minimize")])
+    # 2 dominates 1.5-at-12 (index 2) and 3-at-8 (index 3); the NaN run is never on the front
+    assert list(front) == [True, True, False, False, True, False]
+    assert list(pareto_front(runs, [("fvd", "maximize"), ("gflops", "minimize")])) == [
+        True, False, True, False, False, False]
+
+
+SEARCH = "search"
+
+
+@pytest.fixture(scope="module")
+def search_store(tmp_path_factory):
+    """A two-objective search (as conf/sweep/fvd_vs_gflops.yaml): 2 strategies x 2 widths, one seed each, plus one
+    more seed of one configuration."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    outputs = tmp_path_factory.mktemp("outputs")
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+    exp = client.create_experiment(SEARCH, artifact_location=str(outputs / "mlartifacts"))
+    sweep_yaml = ("name: fvd_vs_gflops\nmode: search\nobjectives:\n  - {metric: eval/fvd, direction: minimize}\n"
+                  "  - {metric: model/gflops, direction: minimize}\n")
+    pid = client.create_run(exp, tags={"sorabench.role": "study", "sorabench.study": SEARCH,
+                                       "sweep_yaml": sweep_yaml}).info.run_id
+    now = int(time.time() * 1000)
+    cells = [("in_context", 96, 0, 150.0, 1.0), ("in_context", 192, 0, 100.0, 4.0), ("adaln_zero", 96, 0, 120.0, 1.1),
+             ("adaln_zero", 192, 0, 130.0, 4.5), ("adaln_zero", 96, 1, 110.0, 1.1)]
+    for trial, (strategy, width, seed, fvd, gflops) in enumerate(cells):
+        tags = {"mlflow.parentRunId": pid, "sorabench.strategy": strategy, "optuna.trial_number": str(trial),
+                "optuna.state": "COMPLETE"}
+        run = client.create_run(exp, run_name=f"trial_{trial}", tags=tags)
+        client.log_batch(run.info.run_id,
+                         metrics=[Metric("eval/fvd", fvd, now, 20), Metric("model/gflops", gflops, now, 0)],
+                         params=[Param("seed", str(seed)), Param("conditioning.name", strategy),
+                                 Param("dit.width", str(width))])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return outputs
+
+
+def test_report_groups_by_a_config_key_and_draws_the_pareto_front(search_store, capsys):
+    outputs = search_store
+    assert main(report_cfg(outputs, f"study={SEARCH}", "name=pooled")) == 0
+    pooled = pd.read_csv(outputs / "report" / "pooled" / "summary.csv")
+    assert sorted(pooled.strategy) == ["adaln_zero", "in_context"]  # the default: widths pooled per strategy
+
+    assert main(report_cfg(outputs, f"study={SEARCH}", "name=grouped", "group_by=[strategy,dit.width]")) == 0
+    out_dir = outputs / "report" / "grouped"
+    summary = pd.read_csv(out_dir / "summary.csv").set_index("strategy")
+    assert sorted(summary.index) == ["adaln_zero, dit.width=192", "adaln_zero, dit.width=96",
+                                     "in_context, dit.width=192", "in_context, dit.width=96"]
+    assert summary.loc["adaln_zero, dit.width=96", "n"] == 2
+    assert summary.loc["adaln_zero, dit.width=96", "eval/fvd_mean"] == pytest.approx(115.0)
+    assert list(summary.index)[0] == "in_context, dit.width=192"  # ranked by eval/fvd
+    md = (out_dir / "report.md").read_text()
+    assert "## Rows (group_by: strategy × dit.width), ranked by eval/fvd" in md
+    assert "| rank | strategy × dit.width |" in md
+
+    # Pareto front over runs: fvd 150 @ 1.0, 110 @ 1.1 and 100 @ 4.0 are non-dominated; 120 @ 1.1 and 130 @ 4.5 are not
+    front = md.split("## Pareto front", 1)[1].split("![Pareto front](pareto.png)", 1)[0]
+    assert "150" in front and "110" in front and "| 100 |" in front and "120" not in front and "130" not in front
+    assert (out_dir / "pareto.png").is_file()
+    runs = pd.read_csv(out_dir / "runs.csv")
+    assert set(runs.strategy) == {"adaln_zero", "in_context"} and "in_context, dit.width=96" in set(runs.group)
+    capsys.readouterr()
+
+
+def test_group_by_a_key_no_run_logged_is_one_line(search_store, capsys):
+    from sorabench.cli import main as cli
+
+    assert cli(["report", f"outputs={search_store}", f"study={SEARCH}", "group_by=optim.lr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "group_by='optim.lr'" in err and "dit.width" in err and len(err.splitlines()) == 1

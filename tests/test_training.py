@@ -1,5 +1,6 @@
 """The training loop's pieces that sorabench configures itself: the EMA callback, the fused optimiser, compile."""
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from sorabench.config import ConfigError, compose_config
 from sorabench.training.commands import train
 from sorabench.training.dit_module import build_optimizer
-from sorabench.training.trainer import EMA
+from sorabench.training.trainer import EMA, lr_schedule
 
 
 class Regression(L.LightningModule):
@@ -63,6 +64,28 @@ def test_fused_adamw_makes_the_same_update(fused):
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_is_the_dit_and_evaluator_recipes(schedule, warmup):
+    # The closures lr_schedule replaced, verbatim: the DiT's (warm-up, then cosine to `final`) and the evaluator's
+    # (cosine from step 0, scaled by the warm-up).
+    def dit(step, total=20, final=0.1):
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    def evaluator(step, total=20):
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+
+    new_dit = lr_schedule(warmup, 20, final=0.1, schedule=schedule)
+    assert [new_dit(s) for s in range(25)] == pytest.approx([dit(s) for s in range(25)], abs=1e-12)
+    if warmup and schedule == "cosine":
+        new_evaluator = lr_schedule(warmup, 20, decay_during_warmup=True)
+        assert [new_evaluator(s) for s in range(25)] == pytest.approx([evaluator(s) for s in range(25)], abs=1e-12)
 
 
 def test_compile_must_be_a_bool(tiny_overrides):

@@ -20,7 +20,7 @@ from sorabench.data.folder import (
     split_of,
 )
 from sorabench.data.module import build_dataset, dataset_config
-from sorabench.data.video_io import VideoReadError, probe, read_frames, write_gif, write_video
+from sorabench.data.video_io import VideoReadError, probe, read_frames, write_clips
 
 
 def main(cfg: DictConfig, subcommand: str) -> int:
@@ -35,40 +35,14 @@ def preview(cfg: DictConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = min(cfg.n, len(dataset))
     items = [dataset[i] for i in range(n)]
-    lines = []
-    for i, item in enumerate(items):
-        stem = f"clip_{i:02d}"
-        write_video(out / f"{stem}.mp4", item["video"], fps=cfg.fps, scale=cfg.scale)
-        write_gif(out / f"{stem}.gif", item["video"], fps=cfg.fps, scale=cfg.scale)
-        lines.append(f"{stem}\t{item['caption']}")
+    stems, captions = [f"clip_{i:02d}" for i in range(n)], [it["caption"] for it in items]
+    write_clips(out, [it["video"] for it in items], stems, captions, fps=cfg.fps, scale=cfg.scale, sheet="preview.png")
+    lines = [f"{stem}\t{caption}" for stem, caption in zip(stems, captions)]
     (out / "captions.txt").write_text("\n".join(lines) + "\n")
-    contact_sheet(out / "preview.png", [it["video"] for it in items], [it["caption"] for it in items])
     Console().print(f"wrote {n} clips (.mp4, .gif), captions.txt and preview.png to {out}")
     for line in lines:
         print("  " + line)
     return 0
-
-
-def contact_sheet(path: Path, videos: list, captions: list[str]):
-    """One row per clip, one column per frame, the caption above each row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    t, width = videos[0].shape[1], videos[0].shape[3]
-    fig, axes = plt.subplots(len(videos), 1, figsize=(t * 1.0, len(videos) * 1.25), squeeze=False)
-    for ax, video, caption in zip(axes[:, 0], videos, captions):
-        frames = ((video.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)  # T, H, W, C
-        gap = torch.ones(frames.shape[1], max(1, width // 16), 3)  # white gutter between frames
-        row = torch.cat([torch.cat([f, gap], dim=1) for f in frames], dim=1)
-        ax.imshow(row.numpy(), interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(caption, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def check(cfg: DictConfig) -> int:

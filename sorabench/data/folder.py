@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from sorabench.config import ConfigError
-from sorabench.data.shapes import ATTRIBUTE_NAMES
 from sorabench.data.video_io import VideoReadError, probe, read_frames
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif"}
@@ -179,6 +178,8 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tens
 
 
 class FolderDataset(torch.utils.data.Dataset):
+    attributes: dict[str, int] = {}  # the label schema: captions only, no attribute labels
+
     def __init__(self, cfg: FolderConfig, split: str, train: bool | None = None):
         self.cfg, self.split = cfg, split
         self.train = (split == "train") if train is None else train
@@ -240,7 +241,7 @@ class FolderDataset(torch.utils.data.Dataset):
         return {
             "video": video,
             "caption": caption,
-            "labels": torch.full((len(ATTRIBUTE_NAMES),), -1, dtype=torch.long),  # no attribute labels
+            "labels": torch.zeros(0, dtype=torch.long),  # one column per attribute of the schema: none
             "unseen": torch.tensor(False),
         }
 

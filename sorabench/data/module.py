@@ -1,7 +1,7 @@
 """One LightningDataModule for every dataset (`data=shapes` or `data=folder`), with seeded, worker-safe loading.
 
-Batches are dicts: `video` (B, 3, T, H, W) in [-1, 1], `caption` list[str], `labels` (B, 5) attribute labels
-(-1 where a dataset has none), `unseen` (B,) held-out composition flags, and, for `folder`, `skipped` (reasons of
+Batches are dicts: `video` (B, 3, T, H, W) in [-1, 1], `caption` list[str], `labels` (B, A) attribute labels, one
+column per attribute of the dataset's label schema (`attribute_schema`; A = 0 for `folder`), `unseen` (B,) held-out composition flags, and, for `folder`, `skipped` (reasons of
 samples dropped under `on_error: skip`).
 """
 
@@ -50,6 +50,13 @@ def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:
         require(isinstance(value, int) and value >= (1 if key == "batch_size" else 0), f"data.{key}", value,
                 "must be a non-negative integer (batch_size >= 1)")
     return cls(**fields)
+
+
+def attribute_schema(data_cfg: dict) -> dict[str, int]:
+    """The dataset's label schema, {attribute: number of values} in `labels` column order; {} when it has no labels.
+    The evaluator trains on it and the alignment metric scores it."""
+    cfg = dataset_config(data_cfg)
+    return dict((ShapesDataset if isinstance(cfg, ShapesConfig) else FolderDataset).attributes)
 
 
 def build_dataset(data_cfg: dict, split: str, train: bool | None = None) -> torch.utils.data.Dataset:

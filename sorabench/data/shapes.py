@@ -273,6 +273,8 @@ def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
 class ShapesDataset(torch.utils.data.Dataset):
     """One split of `shapes`, rendered once at construction (uint8 in memory: 4096 clips of 8x32x32 are 100 MB)."""
 
+    attributes = {name: len(values) for name, values in ATTRIBUTES.items()}  # the label schema: `labels` columns
+
     def __init__(self, cfg: ShapesConfig, split: str):
         self.cfg, self.split = cfg, split
         self.data = make_split(cfg, split)

@@ -53,6 +53,43 @@ def write_gif(path: str | Path, video: torch.Tensor, fps: int = 8, scale: int = 
     return encode_frames(path, to_uint8_frames(video, scale), "gif", "rgb8", fps, format="gif")
 
 
+def write_clips(out: str | Path, videos, stems: list[str], captions: list[str] | None = None, fps: int = 8,
+                scale: int = 1, sheet: str | None = None) -> list[Path]:
+    """Each clip as `<stem>.mp4` and `<stem>.gif` in `out`, and with `sheet`, a contact sheet PNG of every frame of
+    every clip under its caption; returns the files written (what a caller logs as artifacts)."""
+    out = Path(out)
+    paths = []
+    for video, stem in zip(videos, stems):
+        paths.append(write_video(out / f"{stem}.mp4", video, fps, scale))
+        paths.append(write_gif(out / f"{stem}.gif", video, fps, scale))
+    if sheet:
+        paths.append(contact_sheet(out / sheet, list(videos), captions or list(stems)))
+    return paths
+
+
+def contact_sheet(path: str | Path, videos: list, captions: list[str]) -> Path:
+    """One row per clip, one column per frame, the caption above each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, width = videos[0].shape[1], videos[0].shape[3]
+    fig, axes = plt.subplots(len(videos), 1, figsize=(t * 1.0, len(videos) * 1.25), squeeze=False)
+    for ax, video, caption in zip(axes[:, 0], videos, captions):
+        frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)  # T, H, W, C
+        gap = torch.ones(frames.shape[1], max(1, width // 16), 3)  # white gutter between frames
+        row = torch.cat([torch.cat([f, gap], dim=1) for f in frames], dim=1)
+        ax.imshow(row.numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(caption, fontsize=8, loc="left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 class VideoReadError(RuntimeError):
     """A video file could not be decoded as needed; the message names the file and the reason."""
 

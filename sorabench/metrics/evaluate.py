@@ -1,4 +1,4 @@
-"""`sorabench evaluate` and `sorabench train-evaluator`: FVD, FID, KID and text–video alignment with a pinned protocol.
+"""`sorabench evaluate`: FVD, FID, KID and text–video alignment with a pinned protocol.
 
 - `evaluate_module(dit_module, cfg, logger, step)` samples clips for prompts of the eval split (seen and unseen
   compositions), computes FVD (clips), FID and KID (frames) against real clips of that split, and the alignment of
@@ -6,7 +6,8 @@
   `EvaluateCallback` runs it every N training steps (FVD vs step).
 - `sorabench evaluate ckpt=<dit checkpoint>` does the same for a checkpoint and logs into that run's MLflow entry;
   `sorabench evaluate real_root=<dir> fake_root=<dir>` compares two folders of videos.
-- The evaluator (the embedded default feature network) is trained once per data config and cached.
+- The evaluator (the embedded default feature network) is trained once per data config and cached
+  (`sorabench.training.evaluator_module.ensure_evaluator`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from sorabench.config import ConfigError, compose_config, config_key, require, to_container
-from sorabench.data.module import build_dataset, clip_fields
-from sorabench.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES
+from sorabench.config import ConfigError, config_key, require, to_container
+from sorabench.data.module import attribute_schema, build_dataset, clip_fields
 from sorabench.metrics.alignment import attribute_accuracy
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import (
@@ -35,88 +35,10 @@ from sorabench.metrics.fvd import (
     load_real_statistics,
     save_real_statistics,
 )
-from sorabench.training.trainer import build_trainer, fit, last_checkpoint
+from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
+from sorabench.training.runs import load_dit
 
 console = Console(soft_wrap=True)
-EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size")
-
-
-# ---- the evaluator ---------------------------------------------------------------------------------------------
-
-
-def evaluator_module_kwargs(cfg: DictConfig) -> dict:
-    ev = to_container(cfg.metrics.evaluator)
-    return {k: v for k, v in ev.items() if k not in EVALUATOR_TRAINING_KEYS}
-
-
-def run_evaluator_training(cfg: DictConfig) -> Path:
-    """Train the attribute classifier on `cfg.data` (train split) and report held-out accuracy per attribute."""
-    from sorabench.data.module import VideoDataModule
-    from sorabench.tracking import make_logger
-    from sorabench.training.commands import TagCheckpointKind, finished_result, write_result
-    from sorabench.training.evaluator_module import EvaluatorModule
-
-    run_dir = Path(cfg.run_dir)
-    if finished_result(run_dir):
-        return Path(finished_result(run_dir)["ckpt"])
-    require(cfg.data.name == "shapes", "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
-    L.seed_everything(cfg.seed, workers=True)
-    attributes = {name: len(values) for name, values in ATTRIBUTES.items()}
-    module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
-    data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
-    logger = make_logger(cfg)
-    trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
-    t0 = time.time()
-    # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
-    # compositions, so it reads unseen prompts' clips as well as seen ones.
-    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
-    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
-    table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
-    for name in [*ATTRIBUTE_NAMES, "all"]:
-        table.add_row(name, f"{accuracy['test'][name]:.3f}")
-    console.print(table)
-    if logger is not None:
-        logger.log_metrics({f"heldout/{split}/acc_{k}": v for split, acc in accuracy.items() for k, v in acc.items()})
-    ckpt = last_checkpoint(run_dir)
-    write_result(run_dir, {"ckpt": str(ckpt), "accuracy": accuracy, "train_seconds": time.time() - t0})
-    return ckpt
-
-
-@torch.no_grad()
-def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
-    dataset = build_dataset(data_cfg, split, train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
-    module.eval()
-    correct = []
-    for batch in loader:
-        logits = module(batch["video"].to(module.device))
-        correct.append(torch.stack([logits[n].argmax(1).cpu() == batch["labels"][:, i]
-                                    for i, n in enumerate(ATTRIBUTE_NAMES)], dim=1))
-    c = torch.cat(correct)
-    return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(ATTRIBUTE_NAMES)}, "all": float(c.all(1).float().mean())}
-
-
-def ensure_evaluator(cfg: DictConfig) -> Path:
-    """The evaluator checkpoint: `metrics.evaluator_checkpoint`, or one trained once for this data config."""
-    from sorabench.training.commands import shared_asset_config, train_shared_asset
-
-    if cfg.metrics.get("evaluator_checkpoint"):
-        path = Path(cfg.metrics.evaluator_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"metrics.evaluator_checkpoint={str(path)!r} does not exist")
-        return path
-    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
-    evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
-    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(to_container(cfg.data)), to_container(evaluator)),
-                              {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps})
-    return train_shared_asset(sub, run_evaluator_training, "evaluator")
-
-
-def load_evaluator(path: str | Path):
-    from sorabench.training.commands import load_checkpoint_module
-    from sorabench.training.evaluator_module import EvaluatorModule
-
-    return load_checkpoint_module(EvaluatorModule, path, "evaluator").eval()
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -144,7 +66,8 @@ def check_metrics_config(cfg: DictConfig) -> None:
             path = Path(m[net].path)
             if not path.is_file():
                 raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
-    if m.features == "evaluator" and cfg.data.name != "shapes" and not m.get("evaluator_on_other_data", False):
+    labelled = bool(attribute_schema(to_container(cfg.data)))
+    if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
                           "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
 
@@ -193,7 +116,7 @@ def eval_prompts(dataset, n: int) -> dict:
     """Captions, attribute labels and unseen flags of the first n items, without keeping their videos."""
     if hasattr(dataset, "entries"):  # a folder: captions are in the index, no decoding needed
         return {"caption": [c for _, c in dataset.entries[:n]],
-                "labels": torch.full((n, len(ATTRIBUTE_NAMES)), -1, dtype=torch.long),
+                "labels": torch.zeros((n, len(dataset.attributes)), dtype=torch.long),  # no labels: 0 columns
                 "unseen": torch.zeros(n, dtype=torch.bool)}
     items = [dataset[i] for i in range(n)]
     return {"caption": [it["caption"] for it in items], "labels": torch.stack([it["labels"] for it in items]),
@@ -272,8 +195,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         out["eval/fid"] = float(frame_metrics[0].compute())
         kid_mean, kid_std = frame_metrics[1].compute()
         out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
-    if logits and prompt_labels is not None and (prompt_labels >= 0).all():
-        joined = {name: torch.cat([c[name] for c in logits]) for name in ATTRIBUTE_NAMES}
+    if logits and prompt_labels is not None and prompt_labels.shape[1] and (prompt_labels >= 0).all():
+        joined = {name: torch.cat([c[name] for c in logits]) for name in logits[0]}  # the evaluator's heads
         out.update(alignment_from_logits(joined, prompt_labels, prompt_unseen))
     return out
 
@@ -282,14 +205,15 @@ def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") ->
     """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
     levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate),
     from the evaluator's logits of those clips."""
-    report = attribute_accuracy(logits, labels, unseen, ATTRIBUTE_NAMES)
+    names = list(logits)  # the evaluator's heads: the label schema it was trained on, in label-column order
+    report = attribute_accuracy(logits, labels, unseen, names)
     out = {}
-    for attr in [*ATTRIBUTE_NAMES, "all"]:
+    for attr in [*names, "all"]:
         out[f"{prefix}/acc_{attr}"] = report["overall"]["acc"][attr]
         out[f"{prefix}/acc_{attr}_seen"] = report["seen"]["acc"][attr]
         out[f"{prefix}/acc_{attr}_unseen"] = report["unseen"]["acc"][attr]
         out[f"{prefix}/chance_{attr}"] = report["chance_uniform"][attr]
-    for attr in ATTRIBUTE_NAMES:
+    for attr in names:
         out[f"{prefix}/pred_entropy_{attr}"] = report["predictions"][attr]["entropy"]
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -319,9 +243,9 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dic
     out = {}
     for source, chunks in logits.items():
         if chunks:
-            joined = {name: torch.cat([c[name] for c in chunks]) for name in ATTRIBUTE_NAMES}
+            joined = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
             acc = alignment_from_logits(joined, labels, unseen, "r")
-            out.update({f"eval/{source}_acc_{a}": acc[f"r/acc_{a}"] for a in [*ATTRIBUTE_NAMES, "all"]})
+            out.update({f"eval/{source}_acc_{a}": acc[f"r/acc_{a}"] for a in [*joined, "all"]})
     return out
 
 
@@ -333,8 +257,10 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dic
 # (val), where the report chooses each strategy's best scale: choosing it on the test prompts would be selection on
 # test. MLflow metric names cannot hold '@', hence the `cfg<scale>/` level.
 
-AXIS_METRICS = ("fvd", "fid", "kid", *[f"acc_{a}" for a in (*ATTRIBUTE_NAMES, "all")], "acc_all_seen",
-                "acc_all_unseen")  # logged per scale: the headline numbers, not every diagnostic
+def axis_metrics(scored: dict[str, float]) -> list[str]:
+    """What is logged per scale: the headline numbers, not every diagnostic (every attribute scored has a chance)."""
+    attrs = [k.removeprefix("eval/chance_") for k in scored if k.startswith("eval/chance_")]
+    return ["fvd", "fid", "kid", *[f"acc_{a}" for a in attrs], "acc_all_seen", "acc_all_unseen"]
 
 
 def guidance_key(metric: str, scale: float, prefix: str = "eval") -> str:
@@ -361,7 +287,7 @@ def check_guidance_axis(m: DictConfig) -> list[float]:
 
 
 def _axis_scores(scored: dict[str, float], scale: float, prefix: str) -> dict[str, float]:
-    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in AXIS_METRICS if f"eval/{k}" in scored}
+    return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in axis_metrics(scored) if f"eval/{k}" in scored}
 
 
 def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, splits: list, default_fake: torch.Tensor,
@@ -414,7 +340,7 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
     check_metrics_config(cfg)
     scales = check_guidance_axis(m)
     data_cfg = to_container(cfg.data)
-    evaluator = load_evaluator(ensure_evaluator(cfg)).net if data_cfg["name"] == "shapes" else None
+    evaluator = load_evaluator(ensure_evaluator(cfg)).net if attribute_schema(data_cfg) else None
     nets = build_feature_networks(to_container(m), evaluator)
     dataset = build_dataset(data_cfg, m.real_split, train=False)
     n, bs = int(m.n_samples), int(m.batch_size)
@@ -578,8 +504,6 @@ def main(cfg: DictConfig) -> int:
         print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
-    from sorabench.training.commands import load_dit
-
     module = load_dit(cfg.ckpt)
     # Log into the checkpoint's own run: its run directory holds the MLflow run id.
     run_dir = Path(cfg.ckpt).resolve().parent.parent

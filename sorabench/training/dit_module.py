@@ -12,7 +12,6 @@ text encoder trains with the DiT, so it is a submodule like any other.
 
 from __future__ import annotations
 
-import math
 
 import lightning as L
 import torch
@@ -20,6 +19,7 @@ import torch
 from sorabench.diffusion import build_diffusion
 from sorabench.models.dit import DiT, caption_flops, forward_flops
 from sorabench.models.text import TextEmbedding, build_text_encoder
+from sorabench.training.trainer import lr_schedule
 
 _FROZEN_TEXT_ENCODERS: dict[tuple, torch.nn.Module] = {}
 
@@ -180,18 +180,9 @@ class DiTModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams.optim
         optimizer = build_optimizer([p for p in self.parameters() if p.requires_grad], o)
-        warmup, total = int(o.get("warmup_steps", 0)), max(1, int(self.trainer.max_steps or 1))
-        final = float(o.get("min_lr_ratio", 0.1))
-
-        def lr_lambda(step: int) -> float:
-            # Linear warm-up, then cosine decay to min_lr_ratio * lr at max_steps ("constant" keeps lr flat).
-            if step < warmup:
-                return (step + 1) / warmup
-            if o.get("schedule", "cosine") == "constant":
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        # Linear warm-up, then cosine decay to min_lr_ratio * lr at max_steps ("constant" keeps lr flat).
+        lr_lambda = lr_schedule(int(o.get("warmup_steps", 0)), max(1, int(self.trainer.max_steps or 1)),
+                                final=float(o.get("min_lr_ratio", 0.1)), schedule=o.get("schedule", "cosine"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -248,18 +239,14 @@ class LogSampleVideos(L.Callback):
             return  # every n-th validation, and always the last one
         from pathlib import Path
 
-        from sorabench.data.commands import contact_sheet
-        from sorabench.data.video_io import write_gif, write_video
+        from sorabench.data.video_io import write_clips
         from sorabench.tracking import log_artifact
 
         videos = pl_module.sample_videos(self.prompts, self.cfg["steps"], self.cfg["guidance_scale"], seed=0).cpu()
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}"
-        for i, (video, tag) in enumerate(zip(videos, self.tags)):
-            for path in (write_video(out / f"{i:02d}_{tag}.mp4", video, scale=4),
-                         write_gif(out / f"{i:02d}_{tag}.gif", video, scale=4)):
-                log_artifact(trainer.logger, path, f"samples/step_{trainer.global_step:06d}")
         captions = [f"[{tag}] {p}" for p, tag in zip(self.prompts, self.tags)]
-        contact_sheet(out / "samples.png", list(videos), captions)
+        stems = [f"{i:02d}_{tag}" for i, tag in enumerate(self.tags)]
+        paths = write_clips(out, videos, stems, captions, scale=4, sheet="samples.png")
         (out / "prompts.txt").write_text("\n".join(captions) + "\n")
-        log_artifact(trainer.logger, out / "samples.png", f"samples/step_{trainer.global_step:06d}")
-        log_artifact(trainer.logger, out / "prompts.txt", f"samples/step_{trainer.global_step:06d}")
+        for path in [*paths, out / "prompts.txt"]:
+            log_artifact(trainer.logger, path, f"samples/step_{trainer.global_step:06d}")

@@ -1,4 +1,5 @@
-"""LightningModule that trains the evaluator (`VideoAttributeClassifier`) on attribute labels.
+"""Training the evaluator (`VideoAttributeClassifier`) on attribute labels: its LightningModule, the run that trains
+it once per data config (`sorabench train-evaluator`, and the shared evaluator the metrics use), and loading it.
 
 Batches are dicts with `video` (B, 3, T, H, W) in [-1, 1] and `labels` LongTensor (B, A), one column per attribute
 in the order of `attributes`. The loss is the sum of one cross-entropy per attribute head.
@@ -6,13 +7,32 @@ in the order of `attributes`. The loss is the sum of one cross-entropy per attri
 
 from __future__ import annotations
 
-import math
+import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
 
+from sorabench.config import compose_config, require, to_container
+from sorabench.data.module import VideoDataModule, attribute_schema, build_dataset, clip_fields
 from sorabench.models.evaluator import VideoAttributeClassifier
+from sorabench.tracking import make_logger
+from sorabench.training.runs import (
+    TagCheckpointKind,
+    finished_result,
+    load_checkpoint_module,
+    shared_asset_config,
+    train_shared_asset,
+    write_result,
+)
+from sorabench.training.trainer import build_trainer, fit, last_checkpoint, lr_schedule
+
+console = Console(soft_wrap=True)
+EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size")
 
 
 class EvaluatorModule(L.LightningModule):
@@ -63,11 +83,76 @@ class EvaluatorModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, self.trainer.estimated_stepping_batches)
-        warmup = self.hparams.warmup_steps
-
-        def lr_factor(step: int) -> float:
-            # Linear warm-up, then cosine decay to zero over the run: a short run needs its whole budget used well.
-            return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
-
+        # Cosine decay to zero over the whole run (a short run needs its whole budget used well), from step 0: the
+        # warm-up scales it rather than delaying it.
+        lr_factor = lr_schedule(self.hparams.warmup_steps, total, decay_during_warmup=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ---- the run that trains it --------------------------------------------------------------------------------
+
+
+def evaluator_module_kwargs(cfg: DictConfig) -> dict:
+    ev = to_container(cfg.metrics.evaluator)
+    return {k: v for k, v in ev.items() if k not in EVALUATOR_TRAINING_KEYS}
+
+
+def run_evaluator_training(cfg: DictConfig) -> Path:
+    """Train the attribute classifier on `cfg.data` (train split) and report held-out accuracy per attribute."""
+    run_dir = Path(cfg.run_dir)
+    if finished_result(run_dir):
+        return Path(finished_result(run_dir)["ckpt"])
+    data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
+    attributes = attribute_schema(data)  # one head per attribute of the dataset's label schema
+    require(bool(attributes), "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
+    L.seed_everything(cfg.seed, workers=True)
+    module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
+    logger = make_logger(cfg)
+    trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
+    t0 = time.time()
+    # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
+    # compositions, so it reads unseen prompts' clips as well as seen ones.
+    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
+    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
+    table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
+    for name in [*module.attribute_names, "all"]:
+        table.add_row(name, f"{accuracy['test'][name]:.3f}")
+    console.print(table)
+    if logger is not None:
+        logger.log_metrics({f"heldout/{split}/acc_{k}": v for split, acc in accuracy.items() for k, v in acc.items()})
+    ckpt = last_checkpoint(run_dir)
+    write_result(run_dir, {"ckpt": str(ckpt), "accuracy": accuracy, "train_seconds": time.time() - t0})
+    return ckpt
+
+
+@torch.no_grad()
+def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
+    dataset = build_dataset(data_cfg, split, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
+    module.eval()
+    names, correct = module.attribute_names, []
+    for batch in loader:
+        logits = module(batch["video"].to(module.device))
+        correct.append(torch.stack([logits[n].argmax(1).cpu() == batch["labels"][:, i]
+                                    for i, n in enumerate(names)], dim=1))
+    c = torch.cat(correct)
+    return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(names)}, "all": float(c.all(1).float().mean())}
+
+
+def ensure_evaluator(cfg: DictConfig) -> Path:
+    """The evaluator checkpoint: `metrics.evaluator_checkpoint`, or one trained once for this data config."""
+    if cfg.metrics.get("evaluator_checkpoint"):
+        path = Path(cfg.metrics.evaluator_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"metrics.evaluator_checkpoint={str(path)!r} does not exist")
+        return path
+    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
+    evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
+    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(to_container(cfg.data)), to_container(evaluator)),
+                              {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps})
+    return train_shared_asset(sub, run_evaluator_training, "evaluator")
+
+
+def load_evaluator(path: str | Path):
+    return load_checkpoint_module(EvaluatorModule, path, "evaluator").eval()

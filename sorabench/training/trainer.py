@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import sys
@@ -121,6 +122,23 @@ class SeedPerRank(L.Callback):
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
+
+
+def lr_schedule(warmup: int, total: int, final: float = 0.0, schedule: str = "cosine",
+                decay_during_warmup: bool = False):
+    """The lr factor per step, for LambdaLR: a linear warm-up over `warmup` steps, then a cosine decay to
+    `final` x lr at step `total` (`schedule="constant"` stays at 1 after the warm-up). With `decay_during_warmup` the
+    cosine runs from step 0 and the warm-up scales it rather than delaying it (the evaluator's recipe)."""
+    start = 0 if decay_during_warmup else warmup
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if schedule == "constant" or step < start:
+            return ramp
+        progress = min(1.0, (step - start) / max(1, total - start))
+        return ramp * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return factor
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

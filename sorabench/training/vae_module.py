@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -28,7 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from sorabench.data.video_io import write_gif, write_video
+from sorabench.data.video_io import write_clips
 from sorabench.models.vae import build_vae, vae_loss, video_frames
 
 DECAY_FRACTION = 0.3  # share of the run over which the learning rate decays linearly to zero
@@ -97,11 +96,7 @@ class VAEModule(L.LightningModule):
         rows = torch.cat([video, recon], dim=-1)  # (k, C, T, H, 2W)
         grid = torch.cat(list(rows), dim=-2)  # (C, T, k*H, 2W)
         with tempfile.TemporaryDirectory() as tmp:
-            stem = Path(tmp) / f"reconstruction_step{self.global_step:07d}"
-            for path in (
-                write_video(stem.with_suffix(".mp4"), grid, scale=PREVIEW_UPSCALE),
-                write_gif(stem.with_suffix(".gif"), grid, scale=PREVIEW_UPSCALE),
-            ):
+            for path in write_clips(tmp, [grid], [f"reconstruction_step{self.global_step:07d}"], scale=PREVIEW_UPSCALE):
                 self.logger.experiment.log_artifact(self.logger.run_id, str(path), artifact_path="reconstructions")
 
     def configure_optimizers(self):
