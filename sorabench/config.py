@@ -36,8 +36,10 @@ def compose_config(config_name: str, overrides: list[str], command: str | None =
         choices = set(cfg.hydra.runtime.choices)  # the config groups this config really selects from
         with open_dict(cfg):
             del cfg["hydra"]
-        # The schema: the same config group options with no value overrides, i.e. the YAML defaults the user chose.
-        schema = compose(config_name=config_name, overrides=[*head, *group_choices(overrides, choices)])
+        # The schema: the same config group options with no value overrides, i.e. the YAML defaults the user chose
+        # (found on the same search path: `hydra.searchpath=[file://<dir>]` adds config group options from <dir>).
+        searchpath = [o for o in overrides if o.startswith("hydra.searchpath=")]
+        schema = compose(config_name=config_name, overrides=[*head, *searchpath, *group_choices(overrides, choices)])
     check_types(cfg, schema)
     return cfg
 

@@ -53,11 +53,16 @@ _STATUS_TO_STATE = {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL"} 
 # --------------------------------------------------------------------------------------------------- statistics
 
 
-def metric_direction(metric: str, direction: str = "auto") -> str:
-    """'minimize' or 'maximize'; auto: accuracies (`eval/acc_*`) and scores maximize, everything else minimizes."""
+def metric_direction(metric: str, direction: str = "auto", runs: pd.DataFrame | None = None) -> str:
+    """'minimize' or 'maximize'; auto: the `higher_is_better` flag the evaluation logged for a registered metric
+    (tag `eval.higher_is_better.<name>`, see sorabench.metrics.registry) where `runs` have it, else accuracies
+    (`eval/acc_*`) and scores maximize, everything else minimizes."""
     require(direction in ("auto", "minimize", "maximize"), "direction", direction, "must be auto, minimize or maximize")
     if direction != "auto":
         return direction
+    flag = f"tags.eval.higher_is_better.{metric.removeprefix('eval/')}"
+    if runs is not None and flag in runs and runs[flag].notna().any():
+        return "maximize" if str(runs[flag].dropna().iloc[-1]) == "True" else "minimize"
     base = metric.rsplit("/", 1)[-1].lower()
     higher = base.startswith("acc") or "accuracy" in base or base in ("precision", "recall", "clip_score", "is")
     return "maximize" if higher else "minimize"
@@ -311,7 +316,7 @@ def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str =
         if f"{m}_mean" not in summary:
             continue
         # `summary` may already be ranked (it has a `rank` column): re-rank on this metric without it
-        ranked = rank_strategies(summary.drop(columns="rank", errors="ignore"), m, metric_direction(m))
+        ranked = rank_strategies(summary.drop(columns="rank", errors="ignore"), m, metric_direction(m, runs=runs))
         ranked = ranked.dropna(subset=[f"{m}_mean"])
         names = list(ranked.index)
         for other in dict.fromkeys(names[1:2] + names[-1:]):
@@ -807,7 +812,8 @@ def render_markdown(
               "Only COMPLETE runs count.")
     md.append("")
     key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
-    headers = ["rank", row, "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs"]
+    arrows = [_arrow(direction if m == metric else metric_direction(m)) for m in key]
+    headers = ["rank", row, "n", *[f"{m} {a}" for m, a in zip(key, arrows)], "params", "GFLOPs"]
     rows = [
         [fmt(summary.loc[s, "rank"], 3), s, int(summary.loc[s, "n"]), *[_summary_cell(summary, s, m) for m in key],
          fmt_params(summary.loc[s].get(f"{PARAMS}_mean")), fmt(summary.loc[s].get(f"{GFLOPS}_mean"), 3)]
@@ -930,7 +936,8 @@ def _print(summary: pd.DataFrame, metric: str, direction: str, text: str, out_di
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(soft_wrap=True, width=200)
     key = [metric] + [m for m in KEY_METRICS if m != metric and f"{m}_mean" in summary]
-    table = Table("rank", row, "n", *[f"{m} {_arrow(metric_direction(m))}" for m in key], "params", "GFLOPs",
+    arrows = [_arrow(direction if m == metric else metric_direction(m)) for m in key]
+    table = Table("rank", row, "n", *[f"{m} {a}" for m, a in zip(key, arrows)], "params", "GFLOPs",
                   title=f"{'strategies' if row == 'strategy' else row} by {metric} (mean ± 95% CI)")
     for s in summary.index:
         table.add_row(
@@ -992,6 +999,7 @@ def main(cfg: DictConfig) -> int:
 
     metrics = [m for m in all_metrics if complete[m].notna().any()]
     require(metric in metrics, "metric", metric, f"not logged by any completed run; logged: {', '.join(metrics)}")
+    direction = metric_direction(metric, str(cfg.direction), complete)  # now with the flags the runs logged
     summary = rank_strategies(summarise(complete, metrics), metric, direction)
     order = list(summary.index)
     tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]

@@ -199,3 +199,33 @@ def test_video_io_round_trip(tmp_path):
     assert frames.shape == (12, 40, 56, 3) and fps == 8
     decoded = torch.from_numpy(np.asarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1
     assert (decoded - v).abs().mean() < 0.05
+
+
+def test_a_dataset_registered_outside_the_package(tmp_path):
+    """Adding a dataset = one module (tests/toy_dataset.py, imported here, registers `toy`) + one YAML, here in a
+    config dir of its own that `hydra.searchpath` adds to the package's."""
+    from sorabench.config import compose_config
+    from sorabench.data.module import build_dataset, clip_fields
+    from sorabench.training.evaluator_module import EvaluatorModule
+    from tests.toy_dataset import ToyDataset
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy.yaml").write_text("name: toy\nnum_frames: 4\nheight: 16\nwidth: 16\nsize: 6\n"
+                                                 "batch_size: 4\nnum_workers: 0\n")
+    # metrics=<name>: train.yaml's default is `metrics/default_for_<data>`, which a new dataset does not have
+    overrides = [f"hydra.searchpath=[file://{tmp_path}]", "data=toy", "metrics=evaluator", "data.batch_size=4"]
+    cfg = compose_config("train", overrides)
+    data = dict(cfg.data)
+    assert isinstance(build_dataset(data, "val"), ToyDataset) and len(build_dataset(data, "val")) == 6
+    assert "content" not in clip_fields(data)  # the config defines its clips
+    assert attribute_schema(data) == {"colour": 2, "trend": 2}
+
+    batch = next(iter(VideoDataModule(data).train_dataloader()))
+    assert batch["video"].shape == (4, 3, 4, 16, 16) and batch["labels"].shape == (4, 2)
+    evaluator = EvaluatorModule(attributes=attribute_schema(data))  # one head per attribute of the schema
+    logits = evaluator(batch["video"])
+    assert {name: out.shape[1] for name, out in logits.items()} == {"colour": 2, "trend": 2}
+    assert torch.isfinite(evaluator._loss(logits, batch["labels"]))
+
+    with pytest.raises(ConfigError, match="toy_typo"):
+        build_dataset({"name": "toy_typo"}, "val")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torchmetrics import Metric
 
 from sorabench.metrics import (
     PROTOCOL_FIELDS,
@@ -26,6 +27,7 @@ from sorabench.metrics import (
     protocol_key,
     save_real_statistics,
 )
+from sorabench.metrics.registry import METRICS, register
 from sorabench.models.evaluator import VideoAttributeClassifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "metrics"
@@ -465,3 +467,60 @@ def test_attribute_accuracy_empty_subset_and_bad_inputs():
         attribute_accuracy({"size": torch.tensor([0, 1])}, labels, torch.zeros(2, dtype=torch.bool), ["size"])
     with pytest.raises(ValueError, match=r"labels must be \(N, 2\)"):
         attribute_accuracy({}, labels, torch.zeros(2, dtype=torch.bool), ["size", "shape"])
+
+
+# A metric defined and registered outside the package: one class here plus one YAML line (`extra: [...]`).
+
+@register("test_brightness")
+class Brightness(Metric):
+    """Mean pixel value of the generated clips (a toy; "brighter is better" so that the name rule would be wrong)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, video: torch.Tensor, real: bool) -> None:
+        if not real:
+            self.total += video.double().sum()
+            self.count += video.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+def test_a_metric_registered_outside_the_package(tmp_path):
+    import pandas as pd
+
+    from sorabench.config import ConfigError, compose_config
+    from sorabench.metrics.evaluate import check_metrics_config, evaluate_videos
+    from sorabench.report import metric_direction
+
+    # the evaluator metrics config with one line changed, in a config dir of its own (hydra.searchpath)
+    (tmp_path / "metrics").mkdir()
+    text = (CONF / "evaluator.yaml").read_text()
+    assert text.count("\nextra: []") == 1
+    (tmp_path / "metrics" / "bright.yaml").write_text(text.replace("\nextra: []", "\nextra: [test_brightness]"))
+    cfg = compose_config("evaluate", [f"hydra.searchpath=[file://{tmp_path}]", "metrics=bright"])
+    check_metrics_config(cfg)
+
+    fake = [torch.full((2, 3, 8, 32, 32), 0.5), torch.full((2, 3, 8, 32, 32), -0.5)]
+    real = [torch.zeros(2, 3, 8, 32, 32)]
+    out = evaluate_videos(fake, real, cfg.metrics, (None, None), None, {}, None, None)  # no FVD/FID network
+    assert out == {"eval/test_brightness": pytest.approx(0.0)}
+    out = evaluate_videos(fake[:1], real, cfg.metrics, (None, None), None, {}, None, None)
+    assert out == {"eval/test_brightness": pytest.approx(0.5)}
+
+    # the report ranks by the flag the evaluation logs beside it, not by the metric's name
+    runs = pd.DataFrame({"eval/test_brightness": [0.5], "tags.eval.higher_is_better.test_brightness": ["True"]})
+    assert metric_direction("eval/test_brightness", runs=runs) == "maximize"
+    assert metric_direction("eval/test_brightness") == "minimize"  # without the flag: the name rule
+
+    with pytest.raises(ConfigError, match="not a registered metric"):
+        check_metrics_config(compose_config("evaluate", ["metrics.extra=[nope]"]))
+    assert METRICS["test_brightness"] is Brightness
+    with pytest.raises(ValueError, match="already registered"):
+        register("test_brightness")(Brightness)

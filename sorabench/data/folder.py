@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sorabench.config import ConfigError
+from sorabench.data.dataset import VideoDataset, register
 from sorabench.data.video_io import VideoReadError, probe, read_frames
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif"}
@@ -177,7 +178,9 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tens
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
-class FolderDataset(torch.utils.data.Dataset):
+@register("folder")
+class FolderDataset(VideoDataset):
+    config = FolderConfig
     attributes: dict[str, int] = {}  # the label schema: captions only, no attribute labels
 
     def __init__(self, cfg: FolderConfig, split: str, train: bool | None = None):
@@ -203,6 +206,21 @@ class FolderDataset(torch.utils.data.Dataset):
         if not entries and not self.skipped:
             raise DataError(empty_split_message(self.captions_file, [rel for rel, _, _ in listed], cfg, split))
         self.entries = entries
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        return collate_skipping(items)
+
+    @classmethod
+    def fingerprint(cls, data_cfg: dict) -> str | None:
+        # A file replaced in place gets new latents, real statistics, VAE and evaluator.
+        root = data_cfg.get("root")
+        return content_fingerprint(root) if root and Path(root).is_dir() else None
+
+    @classmethod
+    def check(cls, cfg: FolderConfig):
+        for split in ("train", "val"):  # index and probe the user's files now (cheap), not minutes into training
+            cls(cfg, split)
 
     def _bad(self, reason: str):
         if self.cfg.on_error == "raise":

@@ -1,41 +1,39 @@
-"""One LightningDataModule for every dataset (`data=shapes` or `data=folder`), with seeded, worker-safe loading.
+"""One LightningDataModule for every dataset (`data=<name>`, a registered `VideoDataset`: see `data/dataset.py`), with
+seeded, worker-safe loading.
 
 Batches are dicts: `video` (B, 3, T, H, W) in [-1, 1], `caption` list[str], `labels` (B, A) attribute labels, one
-column per attribute of the dataset's label schema (`attribute_schema`; A = 0 for `folder`), `unseen` (B,) held-out composition flags, and, for `folder`, `skipped` (reasons of
-samples dropped under `on_error: skip`).
+column per attribute of the dataset's label schema (`attribute_schema`; A = 0 for `folder`), `unseen` (B,) held-out
+composition flags, and, for `folder`, `skipped` (reasons of samples dropped under `on_error: skip`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import lightning as L
 import torch
 from rich.console import Console
 
 from sorabench.config import require
-from sorabench.data.folder import FolderConfig, FolderDataset, collate_skipping, content_fingerprint
-from sorabench.data.shapes import ShapesConfig, ShapesDataset
+from sorabench.data.dataset import dataset_class
 
 LOADER_FIELDS = ("name", "batch_size", "num_workers")
 
 
 def clip_fields(data_cfg: dict) -> dict:
-    """The data config without how it is batched: what defines the clips, for cache keys. For a folder of videos
-    that includes its content (`folder.content_fingerprint`), not just its path: a file replaced in place gets new
-    latents, real statistics, VAE and evaluator."""
+    """The data config without how it is batched: what defines the clips, for cache keys. Where the clips depend on
+    more than the config (a folder's files: `FolderDataset.fingerprint`), that content is part of it."""
     fields = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "num_workers")}
-    if data_cfg.get("name") == "folder" and data_cfg.get("root") and Path(data_cfg["root"]).is_dir():
-        fields["content"] = content_fingerprint(data_cfg["root"])
+    content = dataset_class(data_cfg.get("name")).fingerprint(data_cfg)
+    if content is not None:
+        fields["content"] = content
     return fields
 
 
-def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:
+def dataset_config(data_cfg: dict):
     """The dataset's own config from the `data` config group (loader fields removed); validates field names."""
     fields = {k: v for k, v in data_cfg.items() if k not in LOADER_FIELDS}
-    cls = {"shapes": ShapesConfig, "folder": FolderConfig}.get(data_cfg.get("name"))
-    require(cls is not None, "data.name", data_cfg.get("name"), "must be 'shapes' or 'folder'")
+    cls = dataset_class(data_cfg.get("name")).config
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key, value in fields.items():
         require(key in defaults, f"data.{key}", value, f"not a field of the {data_cfg['name']} dataset")
@@ -55,15 +53,16 @@ def dataset_config(data_cfg: dict) -> ShapesConfig | FolderConfig:
 def attribute_schema(data_cfg: dict) -> dict[str, int]:
     """The dataset's label schema, {attribute: number of values} in `labels` column order; {} when it has no labels.
     The evaluator trains on it and the alignment metric scores it."""
-    cfg = dataset_config(data_cfg)
-    return dict((ShapesDataset if isinstance(cfg, ShapesConfig) else FolderDataset).attributes)
+    return dict(dataset_class(data_cfg.get("name")).attributes)
+
+
+def check_dataset(data_cfg: dict):
+    """The dataset's own cheap checks before training (a folder indexes and probes its files)."""
+    dataset_class(data_cfg.get("name")).check(dataset_config(data_cfg))
 
 
 def build_dataset(data_cfg: dict, split: str, train: bool | None = None) -> torch.utils.data.Dataset:
-    cfg = dataset_config(data_cfg)
-    if isinstance(cfg, ShapesConfig):
-        return ShapesDataset(cfg, split)
-    return FolderDataset(cfg, split, train=train)
+    return dataset_class(data_cfg.get("name"))(dataset_config(data_cfg), split, train=train)
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -95,7 +94,7 @@ class VideoDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_skipping if self.data_cfg.get("name") == "folder" else None,
+            collate_fn=dataset_class(self.data_cfg.get("name")).collate,
             generator=torch.Generator().manual_seed(seed),
         )
 

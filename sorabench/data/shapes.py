@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sorabench.config import ConfigError
+from sorabench.data.dataset import VideoDataset, register
 
 # Attribute vocabulary, in label order. Other modules (evaluator, alignment) read it from here.
 ATTRIBUTES: dict[str, list[str]] = {
@@ -270,12 +271,14 @@ def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
     return ShapesSplit(videos, labels, unseen, captions)
 
 
-class ShapesDataset(torch.utils.data.Dataset):
+@register("shapes")
+class ShapesDataset(VideoDataset):
     """One split of `shapes`, rendered once at construction (uint8 in memory: 4096 clips of 8x32x32 are 100 MB)."""
 
+    config = ShapesConfig
     attributes = {name: len(values) for name, values in ATTRIBUTES.items()}  # the label schema: `labels` columns
 
-    def __init__(self, cfg: ShapesConfig, split: str):
+    def __init__(self, cfg: ShapesConfig, split: str, train: bool | None = None):  # no augmentation: train unused
         self.cfg, self.split = cfg, split
         self.data = make_split(cfg, split)
 

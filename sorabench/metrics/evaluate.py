@@ -27,6 +27,7 @@ from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import attribute_schema, build_dataset, clip_fields
 from sorabench.metrics.alignment import attribute_accuracy
 from sorabench.metrics.features import build_feature_networks
+from sorabench.metrics.registry import METRICS
 from sorabench.metrics.fvd import (
     FrechetVideoDistance,
     clips_to_frames,
@@ -66,6 +67,9 @@ def check_metrics_config(cfg: DictConfig) -> None:
             path = Path(m[net].path)
             if not path.is_file():
                 raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
+    for name in m.get("extra") or []:
+        require(name in METRICS, "metrics.extra", list(m.extra), f"{name!r} is not a registered metric "
+                f"(sorabench.metrics.registry; registered: {sorted(METRICS)})")
     labelled = bool(attribute_schema(to_container(cfg.data)))
     if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
@@ -162,10 +166,11 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         frame_metrics = [frame_fid(frame_net),
                          frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets),
                                    max_subset_size=int(m.get("kid_subset_size", 1000)))]
-        for metric in frame_metrics:
-            metric.distributed_available_fn = one_process
+    extra = {name: METRICS[name]() for name in m.get("extra") or []}  # registered metrics: update(video, real)
+    for metric in [*frame_metrics, *extra.values()]:
+        metric.distributed_available_fn = one_process
 
-    if need_real_fvd or frame_metrics:
+    if need_real_fvd or frame_metrics or extra:
         seen = 0
         for video in (real_batches() if callable(real_batches) else real_batches):
             video = video[: n_real - seen]
@@ -173,6 +178,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
                 fvd.update(video, real=True)
             for metric in frame_metrics:
                 metric.update(clips_to_frames(video), real=True)
+            for metric in extra.values():
+                metric.update(video, real=True)
             seen += len(video)
             if seen >= n_real:
                 break
@@ -185,6 +192,8 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
             fvd.update(video, real=False)
         for metric in frame_metrics:
             metric.update(clips_to_frames(video), real=False)
+        for metric in extra.values():
+            metric.update(video, real=False)
         if evaluator is not None:
             logits.append(evaluator(video))
 
@@ -195,6 +204,7 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         out["eval/fid"] = float(frame_metrics[0].compute())
         kid_mean, kid_std = frame_metrics[1].compute()
         out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
+    out.update({f"eval/{name}": float(metric.compute()) for name, metric in extra.items()})
     if logits and prompt_labels is not None and prompt_labels.shape[1] and (prompt_labels >= 0).all():
         joined = {name: torch.cat([c[name] for c in logits]) for name in logits[0]}  # the evaluator's heads
         out.update(alignment_from_logits(joined, prompt_labels, prompt_unseen))
@@ -389,6 +399,9 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
                          "eval.protocol.sample_steps": str(m.sample_steps),
                          "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                          "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
+        # what the report ranks registered metrics by (torchmetrics' own flag), so it never guesses from their names
+        protocol.update({f"eval.higher_is_better.{name}": str(METRICS[name].higher_is_better)
+                         for name in m.get("extra") or []})
         if scales:
             protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
                              "eval.protocol.guidance_n_samples": str(k),

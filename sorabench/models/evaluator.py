@@ -14,9 +14,8 @@ Architecture, for a clip (B, 3, T, H, W) in [-1, 1]:
 Motion is detected by the temporal convolutions while the maps still have spatial extent (16×16, 8×8, 4×4 at 32×32
 input). Pooling time into ordered bins, rather than averaging it away, keeps *when* a motion happens: `shapes`
 objects bounce off the walls, so a clip labelled "left" may end moving right, and only the order of the two motions
-tells it from a "right" clip that bounced (measured on shapes/test after 500 steps: direction 96.7% with 4 bins,
-100% with 8). Adaptive bins make the network indifferent to the clip length (8 or 16 frames, or a single frame for
-FID features).
+tells it from a "right" clip that bounced (8 bins read direction better than 4: benchmarks/RESULTS.md). Adaptive
+bins make the network indifferent to the clip length (8 or 16 frames, or a single frame for FID features).
 """
 
 from __future__ import annotations

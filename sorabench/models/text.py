@@ -131,8 +131,8 @@ class MiniLMTextEncoder(nn.Module):
     def precompute(self, captions: list[str], batch_size: int = 256, cache_dir: str | Path | None = None) -> None:
         """Embed every caption not yet cached, in batches, before training. With `cache_dir` the embeddings of this
         caption set are also kept on disk, `<cache_dir>/text/minilm-<key>.pt` keyed by the encoder and the
-        captions, and the next process loads them instead of running MiniLM again: embedding the 4,096 `shapes`
-        training captions costs ~9 s of a 2-core CPU, as much as ~200 steps of the tiny DiT (benchmarks/)."""
+        captions, and the next process loads them instead of running MiniLM again: embedding the `shapes` training
+        captions costs as much as hundreds of steps of the tiny DiT (benchmarks/RESULTS.md, 11)."""
         unique = list(dict.fromkeys(captions))
         path = None
         if cache_dir is not None:

@@ -16,14 +16,15 @@ same way (output frame t only sees latent frames <= ceil(t / temporal_factor)).
 Efficiency (CPU training in minutes). Three choices, each measured on 8x32x32 `shapes` clips:
 - A space-to-depth stem (`patch_size`, 2 by default): each frame's p x p pixel patches are folded into channels before
   the first conv, and the decoder ends with the inverse depth-to-space, so no layer runs at full resolution (as in
-  DC-AE and ViT-VAEs). Steps are ~1.7x cheaper than with a full-resolution first level, and PSNR after a fixed
-  time is higher.
+  DC-AE and ViT-VAEs). Steps are cheaper than with a full-resolution first level, and PSNR after a fixed time is
+  higher.
 - Factorised (2+1)D convolutions, as in R(2+1)D: a 1xkxk conv on each frame and a kx1x1 causal conv over time,
-  about a third of the cost of a full kxkxk conv. One temporal conv per ResBlock: a second one made steps 20%
+  about a third of the cost of a full kxkxk conv. One temporal conv per ResBlock: a second one made steps
   slower and PSNR after a fixed time lower.
 - Conv3d kernels on tensors in channels_last_3d memory layout, the fastest CPU path we measured (faster than
   folding frames into the batch for Conv2d, or pixels into the batch for Conv1d). No attention: at these sizes it
   costs more than it gives.
+The figures behind these choices: benchmarks/RESULTS.md, "Figures moved out of code comments".
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class FrameGroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, t, h, w = x.shape
-        # PyTorch's CPU GroupNorm is ~9x slower on channels-last input than a copy to contiguous and back.
+        # PyTorch's CPU GroupNorm is much slower on channels-last input than a copy to contiguous and back
+        # (benchmarks/RESULTS.md).
         frames = x.transpose(1, 2).reshape(b * t, c, h, w).contiguous()
         return _channels_last(super().forward(frames).reshape(b, t, c, h, w).transpose(1, 2))
 

@@ -20,7 +20,7 @@ from sorabench.data.module import (
     SkippedSamplesReport,
     VideoDataModule,
     attribute_schema,
-    build_dataset,
+    check_dataset,
     clip_fields,
     dataset_config,
 )
@@ -160,9 +160,7 @@ def validate_train_config(cfg: DictConfig):
     from sorabench.models.dit import check_patch_size
 
     data = dataset_config(to_container(cfg.data))
-    if cfg.data.name == "folder":  # index and probe the user's files now (cheap), not minutes into training
-        for split in ("train", "val"):
-            build_dataset(to_container(cfg.data), split)
+    check_dataset(to_container(cfg.data))  # e.g. a folder indexes and probes its files now, not minutes into training
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
     labelled = bool(attribute_schema(to_container(cfg.data)))  # the evaluator needs the dataset's attribute labels
     if evaluating and cfg.metrics.features == "evaluator" and not labelled:

@@ -3,7 +3,7 @@
 - `last.ckpt` is rewritten every `trainer.checkpoint_every_n_steps` steps and at the end, always atomically
   (written to a temporary file, then renamed), so a run killed mid-write never leaves a half-written checkpoint.
 - Running the same command again finds `<run_dir>/checkpoints/last.ckpt` and resumes from it.
-- precision `auto`: fp32 on CPU (bf16 matmuls are ~100x slower on these CPUs), bf16-mixed on GPU.
+- precision `auto`: fp32 on CPU (bf16 matmuls are far slower on these CPUs: benchmarks/RESULTS.md), bf16-mixed on GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class EMA(WeightAveraging):
     """Lightning's EMA weight averaging (EMAWeightAveraging's schedule: every step from `start_step`), updating all
     weights with one foreach lerp (torch's `get_ema_multi_avg_fn`). EMAWeightAveraging hard-wires the per-tensor
-    `get_ema_avg_fn`, a Python loop over ~60 tensors: 2.0 vs 0.5 ms per step for the tiny DiT, ~4% of its step."""
+    `get_ema_avg_fn`, a Python loop over every tensor, several times slower per step (benchmarks/RESULTS.md, 11)."""
 
     def __init__(self, decay: float, start_step: int = 0):
         super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))

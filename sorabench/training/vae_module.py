@@ -4,9 +4,8 @@ Batches are dicts with `video` (B, 3, T, H, W) in [-1, 1]; other keys are ignore
 posterior mean and reports per-frame PSNR and SSIM on [-1, 1] with data_range 2 (the same numbers as on [0, 1] with
 data_range 1), and, under an MLFlowLogger, logs input | reconstruction videos as artifacts.
 
-Budget (measured with `sorabench train-vae`, one CPU core, 8x32x32 `shapes`): batch 4, lr 4e-3, 1300 steps take
-~3 minutes and reach 31.5 dB val PSNR (SSIM 0.95) at spatial x4 / temporal x1, 28.4 dB (SSIM 0.92) at x4 / x2 on
-9 frames. Batch 8 for 750 steps (same time) reached 29.5 dB: on this budget more, smaller steps win.
+Budget: batch 4, lr 4e-3, 1300 steps (`conf/vae/default.yaml`): on a budget of CPU minutes more, smaller steps win
+over fewer, larger ones in the same time (the measured times and PSNRs: benchmarks/RESULTS.md).
 
 Latent scale factor. Diffusion wants latents of about unit variance, so, as Stable Diffusion's 0.18215, the module
 keeps `scale_factor` = 1 / std of the posterior means over a sample of training data, and the DiT side works with
@@ -111,7 +110,8 @@ class VAEModule(L.LightningModule):
 
         def lr_factor(step: int) -> float:
             # Warmup-free "stable then decay": constant, then linear to zero over the last DECAY_FRACTION of the run.
-            # On a budget of minutes it beat a cosine decay from the same peak by ~2 dB: the lr stays high longer.
+            # On a budget of minutes it beat a cosine decay from the same peak (benchmarks/RESULTS.md): the lr stays
+            # high longer.
             return min(1.0, (1.0 - step / max(total, 1)) / DECAY_FRACTION)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

@@ -1,0 +1,36 @@
+"""Metrics by name, beside FVD, FID/KID and alignment: one `torchmetrics.Metric` class and one YAML line each.
+
+A metric is a torchmetrics `Metric` with `update(video, real: bool)` (clips (B, 3, T, H, W) in [-1, 1], already cut
+to the protocol: the real clips of `metrics.real_split`, then the generated ones), `compute()` -> a scalar, and
+torchmetrics' own `higher_is_better` flag, which the report ranks by. Register it with `@register("name")` (the
+idiom of the conditioning and dataset registries) and list its name in `metrics.extra` (`extra: [name]` in
+`conf/metrics/<metrics>.yaml`); it is logged as `eval/<name>`, averaged over seeds like every number.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the report reads the flags without importing torchmetrics
+    from torchmetrics import Metric
+
+METRICS: dict[str, type[Metric]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a metric selectable in `metrics.extra`."""
+
+    def add(cls: type[Metric]) -> type[Metric]:
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is already registered ({METRICS[name].__name__})")
+        if not isinstance(getattr(cls, "higher_is_better", None), bool):
+            raise ValueError(f"metric {name!r}: set `higher_is_better = True | False` on {cls.__name__}")
+        METRICS[name] = cls
+        return cls
+
+    return add
+
+
+def higher_is_better(name: str) -> bool | None:
+    """The registered metric's flag; None for a name no metric registered (in this process)."""
+    return METRICS[name].higher_is_better if name in METRICS else None
