@@ -34,7 +34,9 @@ import math
 import os
 import random
 import re
+import signal
 import socket
+import threading
 import time
 import traceback
 import warnings
@@ -598,20 +600,8 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     objective = make_objective(cfg, sweep, parent_run_id, ddp=ddp)
     start = time.time()
     set_parent_status(cfg, parent_run_id, "RUNNING")
-    while True:
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        done, running = finished_count(study)
-        if sweep["mode"] == "grid":  # every cell is queued: run what waits, wait for what runs elsewhere
-            more, work = waiting > 0, waiting + running > 0
-        else:
-            more, work = waiting > 0 or done + running < target, done < target
-        if not work:
-            break
-        if more:
-            study.optimize(objective, n_trials=1, catch=(Exception,))
-        else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
-            time.sleep(cfg.heartbeat_interval)
+    with remembered_ctrl_c() as interrupted:
+        run_trials(cfg, sweep, study, objective, target, interrupted)
     for w in workers:
         w.join()
     if ddp:  # (after an interrupt, Lightning's launcher has already stopped the other ranks)
@@ -629,6 +619,50 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
         console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1, then open "
                       "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs tables, not GenAI)")
     return 0
+
+
+def run_trials(cfg: DictConfig, sweep: dict, study: optuna.Study, objective, target: int, interrupted) -> None:
+    """Take the study's next queued cell (or TPE's next trial) until none is left to run here or anywhere."""
+    while True:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial -> FAIL -> requeued by the callback
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        done, running = finished_count(study)
+        if sweep["mode"] == "grid":  # every cell is queued: run what waits, wait for what runs elsewhere
+            more, work = waiting > 0, waiting + running > 0
+        else:
+            more, work = waiting > 0 or done + running < target, done < target
+        if not work:
+            break
+        if more:
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+        else:  # everything left is running elsewhere (or died there): wait for it to finish or go stale
+            time.sleep(cfg.heartbeat_interval)
+        if interrupted():  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way: start no further trial
+            raise KeyboardInterrupt("interrupted between trials")
+
+
+@contextmanager
+def remembered_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered (yields `interrupted()`). Python drops an
+    exception raised while a __del__ runs (seen here: Lightning's Profiler.__del__ during garbage collection), so
+    without this a worker could take Ctrl-C, finish its trial and go on to the next one."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # Ctrl-C is ignored here (or cannot be caught off the main thread): leave it so
+        return
+    seen = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)  # Python's own handler raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def heartbeat_ages(storage: optuna.storages.RDBStorage, study_name: str) -> dict[int, float]:

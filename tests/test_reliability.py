@@ -133,7 +133,7 @@ def run_cli(args, **kw):
 
 @pytest.mark.slow
 def test_sigkilled_training_resumes_same_mlflow_run_and_step_count(tmp_path):
-    steps = 600  # long enough (seconds) to be killed mid-run; the kill comes at step >= 20
+    steps = 2000  # long enough (~20 s) to be killed mid-run
     args = ["train", f"outputs={tmp_path}", "name=crash", *TINY, f"trainer.max_steps={steps}",
             "trainer.checkpoint_every_n_steps=5", "evaluate.enabled=false", "sample.log_every_n_val=0"]
     run_dir = tmp_path / "train" / "crash"

@@ -264,3 +264,25 @@ def test_ddp_trials_inside_a_sweep_train_the_same_cell_on_every_rank(tmp_path):
     _, parents, kids = children(f"sqlite:///{tmp_path}/mlflow.db", "conditioning_ablation")
     assert len(parents) == 1 and len(kids) == 2  # rank 1 never opened a run of its own
     assert parents[0].info.status == "FINISHED"
+
+
+def test_a_ctrl_c_swallowed_inside_a_destructor_still_stops_the_worker():
+    """Python drops a KeyboardInterrupt raised while a __del__ runs (it prints "Exception ignored in"); the sweep
+    must still see that Ctrl-C was pressed and start no further trial."""
+    import signal
+
+    from sorabench.sweep import remembered_ctrl_c
+
+    class InterruptedWhileCollected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside __del__: its exception is dropped
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    try:
+        with remembered_ctrl_c() as interrupted:
+            assert not interrupted()
+            InterruptedWhileCollected()  # collected at once (refcount 0)
+            assert interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on the way out
+    finally:
+        signal.signal(signal.SIGINT, previous)
