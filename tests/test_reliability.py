@@ -57,6 +57,14 @@ def test_bad_values_fail_before_training(tiny_overrides, capsys, override, culpr
     assert not (Path(tiny_overrides[0].split("=", 1)[1]) / "train_vae").exists()  # nothing was trained
 
 
+def test_evaluate_with_too_few_frames_for_i3d_fails_before_the_evaluator_trains(tmp_path, capsys):
+    """Standard FVD needs 16 frames; on 8-frame `shapes` clips that is one line before the evaluator (minutes)
+    is trained for the alignment scores or a checkpoint is read."""
+    assert main(["evaluate", f"outputs={tmp_path}", "ckpt=never-read.ckpt", "metrics=i3d"]) == 2
+    assert "data.num_frames=8" in one_line_error(capsys)
+    assert not (tmp_path / "train_evaluator").exists()
+
+
 def test_unreachable_tracking_server_fails_fast_naming_the_url(tiny_overrides, capsys):
     t0 = time.time()
     assert main(["train", *tiny_overrides, "mlflow.tracking_uri=http://127.0.0.1:9"]) == 2

@@ -48,11 +48,16 @@ console = Console(soft_wrap=True)
 CLIP_STARTS = ("first", "center", "random")
 
 
-def check_metrics_config(cfg: DictConfig) -> None:
-    """Reject a metrics config that cannot work, before anything is rendered, trained or sampled."""
+def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
+    """Reject a metrics config that cannot work, before anything is rendered, trained or sampled. `data_clips`:
+    the clips come from `cfg.data` (not from two folders, whose files `check_lengths` checks)."""
     m = cfg.metrics
     require(int(m.num_frames) >= 1, "metrics.num_frames", m.num_frames, "must be >= 1")
     require(int(m.frame_stride) >= 1, "metrics.frame_stride", m.frame_stride, "must be >= 1")
+    span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
+    if data_clips and int(cfg.data.num_frames) < span:
+        raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
+                          f"data.num_frames={cfg.data.num_frames} (raise data.num_frames)")
     require(m.get("clip_start", "first") in CLIP_STARTS, "metrics.clip_start", m.get("clip_start"),
             f"must be one of {CLIP_STARTS}")
     require(m.n_real >= 2 and m.n_samples >= 2, "metrics.n_real/n_samples", (m.n_real, m.n_samples), "need >= 2 each")
@@ -501,7 +506,7 @@ def main(cfg: DictConfig) -> int:
         require(m.features != "evaluator" or m.get("evaluator_on_other_data", False), "metrics", m.features,
                 "the evaluator's features are trained on `shapes`, not on your videos: use metrics=i3d (standard "
                 "FVD), or set metrics.evaluator_on_other_data=true to apply them anyway")
-        check_metrics_config(cfg)
+        check_metrics_config(cfg, data_clips=False)
         real_files, fake_files = video_files(cfg.real_root), video_files(cfg.fake_root)
         check_lengths(real_files + fake_files, m)
         evaluator = load_evaluator(ensure_evaluator(cfg)).net if m.features == "evaluator" else None
@@ -517,6 +522,7 @@ def main(cfg: DictConfig) -> int:
         print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
+    check_metrics_config(cfg)  # before the evaluator is trained or a clip sampled
     module = load_dit(cfg.ckpt)
     # Log into the checkpoint's own run: its run directory holds the MLflow run id.
     run_dir = Path(cfg.ckpt).resolve().parent.parent
