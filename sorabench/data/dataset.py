@@ -23,6 +23,7 @@ import importlib
 import torch
 
 from sorabench.config import ConfigError
+from sorabench.registry import registrar
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -46,16 +47,7 @@ class VideoDataset(torch.utils.data.Dataset):
 DATASETS: dict[str, type[VideoDataset]] = {}
 
 
-def register(name: str):
-    """Class decorator: make a dataset selectable as `data=<name>`."""
-
-    def add(cls: type[VideoDataset]) -> type[VideoDataset]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered ({DATASETS[name].__name__})")
-        DATASETS[name] = cls
-        return cls
-
-    return add
+register = registrar(DATASETS, "dataset")  # @register("name"): `data=<name>`
 
 
 def dataset_class(name: str) -> type[VideoDataset]:

@@ -54,10 +54,6 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     m = cfg.metrics
     require(int(m.num_frames) >= 1, "metrics.num_frames", m.num_frames, "must be >= 1")
     require(int(m.frame_stride) >= 1, "metrics.frame_stride", m.frame_stride, "must be >= 1")
-    span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
-    if data_clips and int(cfg.data.num_frames) < span:
-        raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
-                          f"data.num_frames={cfg.data.num_frames} (raise data.num_frames)")
     require(m.get("clip_start", "first") in CLIP_STARTS, "metrics.clip_start", m.get("clip_start"),
             f"must be one of {CLIP_STARTS}")
     require(m.n_real >= 2 and m.n_samples >= 2, "metrics.n_real/n_samples", (m.n_real, m.n_samples), "need >= 2 each")
@@ -79,6 +75,10 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
                           "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+    span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
+    if data_clips and int(cfg.data.num_frames) < span:
+        raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
+                          f"data.num_frames={cfg.data.num_frames} (raise data.num_frames)")
 
 
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:

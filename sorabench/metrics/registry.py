@@ -11,24 +11,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sorabench.registry import registrar
+
 if TYPE_CHECKING:  # the report reads the flags without importing torchmetrics
     from torchmetrics import Metric
 
 METRICS: dict[str, type[Metric]] = {}
 
 
-def register(name: str):
-    """Class decorator: make a metric selectable in `metrics.extra`."""
+def _has_flag(name: str, cls: type) -> None:
+    if not isinstance(getattr(cls, "higher_is_better", None), bool):
+        raise ValueError(f"metric {name!r}: set `higher_is_better = True | False` on {cls.__name__}")
 
-    def add(cls: type[Metric]) -> type[Metric]:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is already registered ({METRICS[name].__name__})")
-        if not isinstance(getattr(cls, "higher_is_better", None), bool):
-            raise ValueError(f"metric {name!r}: set `higher_is_better = True | False` on {cls.__name__}")
-        METRICS[name] = cls
-        return cls
 
-    return add
+register = registrar(METRICS, "metric", check=_has_flag)  # @register("name"): `metrics.extra: [name]`
 
 
 def higher_is_better(name: str) -> bool | None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sorabench.models.text import TextEmbedding
+from sorabench.registry import registrar
 
 
 @dataclass(frozen=True)
@@ -540,16 +541,7 @@ class ConditioningStrategy(nn.Module):
 STRATEGIES: dict[str, type[ConditioningStrategy]] = {}
 
 
-def register(name: str):
-    """Class decorator: make a strategy selectable as `conditioning=<name>`."""
-
-    def add(cls: type[ConditioningStrategy]) -> type[ConditioningStrategy]:
-        if name in STRATEGIES:
-            raise ValueError(f"conditioning strategy {name!r} is already registered ({STRATEGIES[name].__name__})")
-        STRATEGIES[name] = cls
-        return cls
-
-    return add
+register = registrar(STRATEGIES, "conditioning strategy")  # @register("name"): `conditioning=<name>`
 
 
 def build_strategy(name: str, spec: BlockSpec, text_dim: int, **options) -> ConditioningStrategy:
