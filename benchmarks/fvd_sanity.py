@@ -51,9 +51,8 @@ def main(overrides: list[str]) -> None:
     latent_shape = vae.vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
     torch.manual_seed(0)
     untrained = build_dit_module(cfg, latent_shape, None, vae_ckpt)
-    untrained.attach_vae(vae)
     captions = [test[i]["caption"] for i in range(half, 2 * half)]
-    samples = untrained.sample_videos(captions, steps=cfg.metrics.sample_steps, guidance_scale=cfg.metrics.cfg, seed=0)
+    samples = untrained.pipeline(vae).sample_videos(captions, steps=cfg.metrics.sample_steps, guidance_scale=cfg.metrics.cfg, seed=0)
     rows.append(("real vs an untrained DiT (decoded by the VAE)", fvd(net, a, samples)))
     rows.append(("real vs uniform noise clips", fvd(net, a, torch.rand(b.shape, generator=g) * 2 - 1)))
 

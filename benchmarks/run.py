@@ -294,7 +294,7 @@ def bench_training_loop(s: dict) -> list[Row]:
     from sorabench.config import compose_config
     from sorabench.latents import LatentDataModule
     from sorabench.training.commands import build_dit_module, training_callbacks
-    from sorabench.training.dit_module import frozen_text_encoder
+    from sorabench.models.text import frozen_text_encoder
     from sorabench.training.trainer import build_trainer
 
     latent_shape, b, x0 = ablation_step_setup(s)
@@ -314,17 +314,18 @@ def bench_training_loop(s: dict) -> list[Row]:
                                            f"optim.fused={variant != 'before'}", "evaluate.enabled=false"])
             L.seed_everything(0, verbose=False)
             module = build_dit_module(cfg, latent_shape, None, "none")
-            frozen_text_encoder(cfg.text_encoder.name, max_length=cfg.text_encoder.max_length)._cache.clear()
+            encoder = frozen_text_encoder(cfg.text_encoder.name, max_length=cfg.text_encoder.max_length)
+            encoder._cache.clear()
             timer = StepTimes()
             t0 = time.perf_counter()
             if variant == "before":
                 callbacks = [EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step)]
             else:
-                callbacks = training_callbacks(cfg, {})
-                module.precompute_text(captions, cache_dir=cfg.cache_dir)
+                callbacks = training_callbacks(cfg, {}, None)
+                encoder.precompute(captions, cache_dir=cfg.cache_dir)
             setup = time.perf_counter() - t0
             trainer = build_trainer(cfg, None, [*callbacks, timer])
-            trainer.fit(module, datamodule=LatentDataModule(cache, cache, b))
+            trainer.fit(module, datamodule=LatentDataModule(cache, cache, b, text_encoder=encoder))
             times = [t1 - t0 for t0, t1 in zip(timer.starts, timer.starts[1:])]
             runs[variant].append((setup + sum(times[:epoch]), times[epoch:], setup))
     torch.manual_seed(0)

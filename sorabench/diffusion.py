@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sorabench.registry import lookup, registrar
+
+DIFFUSIONS: dict[str, type] = {}
+register = registrar(DIFFUSIONS, "diffusion")  # @register("name"): `diffusion=<name>`
+
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 
@@ -68,6 +73,7 @@ def expand_as(t: Tensor, x: Tensor) -> Tensor:
     return t.view(-1, *[1] * (x.dim() - 1))
 
 
+@register("flow")
 class RectifiedFlow:
     """Rectified flow / flow matching (Liu et al. 2022; SD3): x_t = (1 - t)·x0 + t·ε, t in [0, 1] with t = 1
     pure noise; the network predicts the velocity v = ε - x0 (constant along each straight path).
@@ -125,6 +131,7 @@ class RectifiedFlow:
         return x
 
 
+@register("ddpm")
 class DDPM:
     """DDPM (Ho et al. 2020) with a linear or cosine (Nichol & Dhariwal 2021) beta schedule over
     `num_train_steps` steps: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 - ᾱ_t)·ε with t an integer step given to the network as
@@ -209,8 +216,4 @@ class DDPM:
 
 def build_diffusion(name: str, **kwargs) -> RectifiedFlow | DDPM:
     """`name` and options from conf/diffusion/<name>.yaml."""
-    if name == "flow":
-        return RectifiedFlow(**kwargs)
-    if name == "ddpm":
-        return DDPM(**kwargs)
-    raise ValueError(f"unknown diffusion {name!r}; choose 'flow' or 'ddpm'")
+    return lookup(DIFFUSIONS, "diffusion", name)(**kwargs)

@@ -94,13 +94,25 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 class LatentDataModule(L.LightningDataModule):
-    """Train/val batches of cached latents (posterior samples in training, means in validation)."""
+    """Train/val batches of cached latents (posterior samples in training, means in validation).
 
-    def __init__(self, train_cache: dict, val_cache: dict, batch_size: int, num_workers: int = 0):
+    With a frozen `text_encoder`, each batch also carries `text`, its captions' embeddings (a `TextEmbedding`): the
+    encoder embeds every caption once (`precompute`, kept on disk beside the latents under `cache_dir/text`), so a
+    batch costs a lookup, and the DiT's LightningModule never holds the encoder."""
+
+    def __init__(self, train_cache: dict, val_cache: dict, batch_size: int, num_workers: int = 0,
+                 text_encoder=None):
         super().__init__()
         self.train_set = LatentDataset(train_cache, sample_posterior=True)
         self.val_set = LatentDataset(val_cache, sample_posterior=False)
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.text_encoder = text_encoder
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = torch.utils.data.default_collate(items)
+        if self.text_encoder is not None:
+            batch["text"] = self.text_encoder.encode(list(batch["caption"]))
+        return batch
 
     def train_dataloader(self):
         seed = int(torch.randint(2**31 - 1, (1,)))  # from the global RNG that seed_everything sets
@@ -111,7 +123,9 @@ class LatentDataModule(L.LightningDataModule):
             drop_last=len(self.train_set) > self.batch_size,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(seed),
+            collate_fn=self.collate,
         )
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return torch.utils.data.DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                           collate_fn=self.collate)

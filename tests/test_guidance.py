@@ -18,6 +18,7 @@ class StubSampler:
     Records (number of prompts, scale) of every sampling call."""
 
     training = False
+    vae = None  # a pipeline without a VAE: no ceiling reference point
 
     def __init__(self, clips: dict[str, torch.Tensor]):
         self.clips, self.calls = clips, []

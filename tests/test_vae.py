@@ -116,7 +116,7 @@ def test_identity_vae_round_trip_is_exact():
 
 
 def test_build_vae_rejects_unknown_factor_and_fields():
-    with pytest.raises(ValueError, match="factor='foo'"):
+    with pytest.raises(ValueError, match="vae factor 'foo'"):
         build_vae(factor="foo")
     with pytest.raises(TypeError):
         build_vae(factor="causal", spatial_factr=4)

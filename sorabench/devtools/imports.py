@@ -24,7 +24,7 @@ LAYERS = [
     ("sorabench.training", 3),
     ("sorabench.metrics", 2),
     ("sorabench.models", 1), ("sorabench.data", 1), ("sorabench.latents", 1), ("sorabench.diffusion", 1),
-    ("sorabench.tracking", 1),
+    ("sorabench.tracking", 1), ("sorabench.pipeline", 1),
     ("sorabench.config", 0), ("sorabench.files", 0), ("sorabench", 0),
 ]
 LAYER_NAMES = {5: "entry points", 4: "commands", 3: "training", 2: "metrics", 1: "models, data, diffusion, tracking",

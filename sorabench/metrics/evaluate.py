@@ -1,6 +1,6 @@
 """`sorabench evaluate`: FVD, FID, KID and text–video alignment with a pinned protocol.
 
-- `evaluate_module(dit_module, cfg, logger, step)` samples clips for prompts of the eval split (seen and unseen
+- `evaluate_module(pipeline, cfg, logger, step)` samples clips for prompts of the eval split (seen and unseen
   compositions), computes FVD (clips), FID and KID (frames) against real clips of that split, and the alignment of
   each sample with its prompt as read by the evaluator; every number is logged with its protocol beside it.
   `EvaluateCallback` runs it every N training steps (FVD vs step).
@@ -37,7 +37,7 @@ from sorabench.metrics.fvd import (
     save_real_statistics,
 )
 from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
-from sorabench.training.runs import load_dit
+from sorabench.training.runs import load_pipeline
 
 console = Console(soft_wrap=True)
 
@@ -305,7 +305,7 @@ def _axis_scores(scored: dict[str, float], scale: float, prefix: str) -> dict[st
     return {guidance_key(k, scale, prefix): scored[f"eval/{k}"] for k in axis_metrics(scored) if f"eval/{k}" in scored}
 
 
-def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, splits: list, default_fake: torch.Tensor,
+def guidance_axis(pipeline, m: DictConfig, scales: list[float], seed: int, splits: list, default_fake: torch.Tensor,
                   nets, evaluator, data_cfg: dict) -> dict[str, float]:
     """Scores at every scale of the axis for one seed, on the first k prompts of each split in `splits`
     (`(prefix, split, dataset, prompts, n_real)`, see `axis_splits`); on the reported split the first k clips
@@ -322,7 +322,7 @@ def guidance_axis(module, m: DictConfig, scales: list[float], seed: int, splits:
             if prefix == "eval" and scale == float(m.cfg):
                 fake = default_fake[:k]  # the default scale's clips: same prompts, same seed, no second sampling
             else:
-                fake = take_clips(module.sample_videos(prompts["caption"][:k], steps=int(m.sample_steps),
+                fake = take_clips(pipeline.sample_videos(prompts["caption"][:k], steps=int(m.sample_steps),
                                                        guidance_scale=scale, seed=seed,
                                                        batch_size=int(m.batch_size)).cpu(), sub)
             real = lambda: real_batches(dataset, sub, n_real, seed)  # noqa: E731 - read only if not cached
@@ -346,8 +346,9 @@ def axis_splits(data_cfg: dict, m: DictConfig, dataset, prompts: dict) -> list:
     return splits
 
 
-def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
-    """Sample `metrics.n_samples` clips per seed with `module` and score them; logs eval/* and the protocol.
+def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
+    """Sample `metrics.n_samples` clips per seed with `pipeline` (`sorabench.pipeline.TextToVideo`) and score them;
+    logs eval/* and the protocol.
 
     Streaming: generated clips are sampled, scored and dropped batch by batch, and real clips are read batch by
     batch, so memory does not grow with the clip counts."""
@@ -366,13 +367,11 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
     splits = axis_splits(data_cfg, m, dataset, prompts) if scales else []
     k = int(m.get("guidance_n_samples") or n)
     per_seed, axis_seconds = [], 0.0
-    was_training = module.training
-    module.eval()
     t0 = time.time()
     for s in range(int(m.num_seeds)):
         seed = int(m.seed) + s
         # sample_videos seeds batch i with seed + i, so batch-by-batch sampling draws the same clips as one call.
-        fake = (take_clips(module.sample_videos(prompts["caption"][i : i + bs], steps=int(m.sample_steps),
+        fake = (take_clips(pipeline.sample_videos(prompts["caption"][i : i + bs], steps=int(m.sample_steps),
                                                 guidance_scale=float(m.cfg), seed=seed + i, batch_size=bs).cpu(), m)
                 for i in range(0, n, bs))
         fields = protocol_fields(m, nets[0], data_cfg, seed)
@@ -383,10 +382,9 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
                                         m, nets, evaluator, fields, labels, unseen))
         if scales:
             t_axis = time.time()
-            per_seed[-1].update(guidance_axis(module, m, scales, seed, splits, torch.cat(kept), nets, evaluator,
+            per_seed[-1].update(guidance_axis(pipeline, m, scales, seed, splits, torch.cat(kept), nets, evaluator,
                                               data_cfg))
             axis_seconds += time.time() - t_axis
-    module.train(was_training)
     metrics = {key: sum(r[key] for r in per_seed) / len(per_seed) for key in per_seed[0]}
     if scales:
         metrics["time/guidance_axis_seconds"] = axis_seconds
@@ -394,7 +392,7 @@ def evaluate_module(module, cfg: DictConfig, logger=None, step: int = 0) -> dict
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
     if evaluator is not None:
         metrics.update(reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
-                                        getattr(module, "vae", None)))
+                                        pipeline.vae))
     metrics["time/eval_seconds"] = time.time() - t0
     if logger is not None:
         logger.log_metrics(metrics, step=step)
@@ -422,8 +420,8 @@ class EvaluateCallback(L.Callback):
     List it before the EMA callback, `trainer.EMA` (callbacks run in list order; the EMA swap is undone at validation
     end)."""
 
-    def __init__(self, cfg: DictConfig, every_n_steps: int):
-        self.cfg, self.every = cfg, int(every_n_steps)
+    def __init__(self, cfg: DictConfig, every_n_steps: int, vae=None):
+        self.cfg, self.every, self.vae = cfg, int(every_n_steps), vae
         self.last = -1
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -433,7 +431,7 @@ class EvaluateCallback(L.Callback):
         if step >= trainer.max_steps and self.cfg.evaluate.enabled:
             return  # the final evaluation after training scores these same (EMA) weights: not twice
         self.last = step
-        metrics = evaluate_module(pl_module, self.cfg, trainer.logger, step=step)
+        metrics = evaluate_module(pl_module.pipeline(self.vae), self.cfg, trainer.logger, step=step)
         console.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in HEADLINE))
 
 
@@ -523,7 +521,7 @@ def main(cfg: DictConfig) -> int:
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
     check_metrics_config(cfg)  # before the evaluator is trained or a clip sampled
-    module = load_dit(cfg.ckpt)
+    pipeline = load_pipeline(cfg.ckpt)
     # Log into the checkpoint's own run: its run directory holds the MLflow run id.
     run_dir = Path(cfg.ckpt).resolve().parent.parent
     logger = None
@@ -533,6 +531,6 @@ def main(cfg: DictConfig) -> int:
             cfg.run_dir, cfg.mlflow.experiment = str(run_dir), run_info["experiment"]
         logger = make_logger(cfg)
     step = int(torch.load(cfg.ckpt, map_location="cpu", weights_only=True).get("global_step", 0))
-    metrics = evaluate_module(module, cfg, logger, step=step)
+    metrics = evaluate_module(pipeline, cfg, logger, step=step)
     print_metrics(metrics, f"{cfg.ckpt} ({m.features} features, {m.n_samples} samples x {m.num_seeds} seeds)")
     return 0

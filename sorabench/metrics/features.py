@@ -26,6 +26,10 @@ from torch import nn
 from sorabench.files import file_sha256, state_dict_sha256
 from sorabench.metrics.i3d import INSTALL_HINT, InceptionI3d, load_state_dict, min_frames, package_weights
 from sorabench.models.evaluator import VideoAttributeClassifier
+from sorabench.registry import lookup, registrar
+
+FEATURES: dict[str, type] = {}
+register = registrar(FEATURES, "metrics.features")  # @register("name"): `metrics.features: <name>`
 
 # What the well-known extractors are, for the error message when one is missing. Facts we could check in the
 # public code are stated; the weights' hashes are not known here, so `sha256` is logged, never compared.
@@ -65,7 +69,15 @@ class FeatureNetwork(nn.Module):
         return super().train(False)
 
 
+@register("evaluator")
 class EvaluatorFeatures(FeatureNetwork):
+    @classmethod
+    def pair(cls, cfg: Mapping, evaluator, videos: bool):
+        """The trained evaluator's penultimate features: of whole clips (FVD) and of single frames (FID/KID)."""
+        if evaluator is None:
+            raise ValueError("metrics.features=evaluator needs a trained evaluator (train one first)")
+        return (cls(evaluator) if videos else None), cls(evaluator, per_frame=True)
+
     """Penultimate features of the evaluator: per clip (FVD), or per frame (FID, KID) with `per_frame=True`.
 
     Clips must have the evaluator's training resolution; any number of frames works. The classifier is frozen in
@@ -118,7 +130,18 @@ def resize_frames(video: torch.Tensor, resolution: int, mode: str) -> torch.Tens
     return frames.reshape(b, t, c, resolution, resolution).transpose(1, 2)
 
 
+def frame_network(cfg: Mapping) -> FeatureNetwork | None:
+    """FID/KID's per-frame TorchScript network of `cfg.fid`, or None (`fid: null`)."""
+    return TorchScriptFeatures(**cfg["fid"]) if cfg.get("fid") is not None else None
+
+
+@register("torchscript")
 class TorchScriptFeatures(FeatureNetwork):
+    @classmethod
+    def pair(cls, cfg: Mapping, evaluator, videos: bool):
+        """TorchScript files on local disk: `cfg.fvd` (clips) and `cfg.fid` (frames, or null)."""
+        return (cls(**cfg["fvd"]) if videos else None), frame_network(cfg)
+
     """Any TorchScript feature extractor on local disk, behind a declared input protocol.
 
     Args:
@@ -202,7 +225,13 @@ class TorchScriptFeatures(FeatureNetwork):
         return self.net(x.contiguous(), **self.call_kwargs).float()
 
 
+@register("i3d")
 class I3DFeatures(FeatureNetwork):
+    @classmethod
+    def pair(cls, cfg: Mapping, evaluator, videos: bool):
+        """The Kinetics-400 I3D of standard FVD from `cfg.fvd`; FID/KID from a TorchScript `cfg.fid` (or null)."""
+        return (cls(**cfg["fvd"]) if videos else None), frame_network(cfg)
+
     """Standard-FVD features: the Kinetics-400 I3D logits of clips, behind an explicit input protocol.
 
     Clips (B, 3, T, H, W) in [-1, 1] are taken as given (frame selection happens before, in the metrics protocol:
@@ -259,25 +288,16 @@ def build_feature_networks(
     """(clip network for FVD, per-frame network for FID/KID) from a `conf/metrics/*.yaml` config; either is None
     when that score is off: FVD for images (`num_frames: 1`), FID/KID when the config has `fid: null`.
 
-    `features: evaluator` wraps the given trained evaluator; `features: torchscript` loads `cfg.fvd` and `cfg.fid`,
-    each a dict of `TorchScriptFeatures` arguments; `features: i3d` builds the Kinetics-400 I3D from `cfg.fvd`
-    (`I3DFeatures` arguments) and FID/KID from `cfg.fid` (a TorchScript block, or null).
+    `metrics.features` names the registered kind, whose `pair(cfg, evaluator, videos)` builds both: `evaluator`
+    wraps the given trained evaluator; `torchscript` loads `cfg.fvd` and `cfg.fid`, each a dict of
+    `TorchScriptFeatures` arguments; `i3d` builds the Kinetics-400 I3D from `cfg.fvd` (`I3DFeatures` arguments) and
+    FID/KID from `cfg.fid` (a TorchScript block, or null).
     """
     kind = cfg["features"]
+    if kind not in FEATURES:
+        raise ValueError(f"metrics.features={kind!r} must be one of {', '.join(repr(k) for k in FEATURES)}")
     videos = int(cfg.get("num_frames", 2)) > 1  # one frame per clip: images, FID/KID only
-    if kind == "evaluator":
-        if evaluator is None:
-            raise ValueError("metrics.features=evaluator needs a trained evaluator (train one first)")
-        return (EvaluatorFeatures(evaluator) if videos else None), EvaluatorFeatures(evaluator, per_frame=True)
-    if kind not in ("torchscript", "i3d"):
-        raise ValueError(f"metrics.features={kind!r} must be 'evaluator', 'torchscript' or 'i3d'")
-    video_net = frame_net = None
-    if videos and kind == "i3d":
-        video_net = I3DFeatures(**cfg["fvd"])
-    elif videos:
-        video_net = TorchScriptFeatures(**cfg["fvd"])
-    if cfg.get("fid") is not None:
-        frame_net = TorchScriptFeatures(**cfg["fid"])
+    video_net, frame_net = lookup(FEATURES, "metrics.features", kind).pair(cfg, evaluator, videos)
     if (video_net is not None and video_net.per_frame) or (frame_net is not None and not frame_net.per_frame):
         raise ValueError("metrics.fvd must take clips (layout BCTHW/BTCHW) and metrics.fid frames (layout NCHW)")
     if video_net is None and frame_net is None:

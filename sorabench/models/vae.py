@@ -37,6 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from sorabench.registry import lookup, registrar
+
+VAES: dict[str, type[nn.Module]] = {}
+register = registrar(VAES, "vae factor")  # @register("name"): `vae.model.factor: <name>`
+
 SPATIAL_FACTORS = (1, 2, 4, 8)
 TEMPORAL_FACTORS = (1, 2, 4)
 LOGVAR_RANGE = (-30.0, 20.0)  # as in Stable Diffusion's VAE: keeps exp(logvar) finite in the KL term
@@ -168,6 +173,7 @@ def depth_to_space(x: Tensor, p: int) -> Tensor:
     return x.reshape(b, c // (p * p), t, h * p, w * p)
 
 
+@register("causal")
 class CausalVideoVAE(nn.Module):
     """Encoder and decoder around a stem of space-to-depth by p = min(patch_size, spatial_factor).
 
@@ -252,6 +258,7 @@ class CausalVideoVAE(nn.Module):
         return self.decode(z), mean, logvar
 
 
+@register("none")
 class IdentityVAE(nn.Module):
     """`factor: none`: diffusion directly in pixel space, for debugging. The latent is the video itself.
 
@@ -287,11 +294,7 @@ class IdentityVAE(nn.Module):
 
 def build_vae(factor: str = "causal", **kwargs) -> nn.Module:
     """The VAE of a `conf/vae` group's `model` fields: `factor: causal` -> CausalVideoVAE, `none` -> IdentityVAE."""
-    if factor == "causal":
-        return CausalVideoVAE(**kwargs)
-    if factor == "none":
-        return IdentityVAE(**kwargs)
-    raise ValueError(f"vae.factor={factor!r} must be 'causal' or 'none'")
+    return lookup(VAES, "vae factor", factor)(**kwargs)
 
 
 def vae_loss(

@@ -27,15 +27,17 @@ from sorabench.data.module import (
 from sorabench.data.video_io import write_clips
 from sorabench.files import atomic_save
 from sorabench.latents import LatentDataModule, cache_key, cache_path, load_or_encode
+from sorabench.models.text import frozen_text_encoder, is_frozen
 from sorabench.models.vae import build_vae
+from sorabench.pipeline import TextToVideo
 from sorabench.tracking import check_tracking_uri, make_logger
-from sorabench.training.dit_module import DiTModule, LogSampleVideos, flops_budget_steps, frozen_text_encoder
+from sorabench.training.dit_module import DiTModule, LogSampleVideos, flops_budget_steps
 from sorabench.training.evaluator_module import ensure_evaluator, run_evaluator_training
 from sorabench.training.runs import (
     EmbedVAE,
     TagCheckpointKind,
     finished_result,
-    load_dit,
+    load_pipeline,
     load_vae,
     shared_asset_config,
     train_shared_asset,
@@ -195,16 +197,16 @@ def build_dit_module(cfg: DictConfig, latent_shape, vocab, vae_ckpt) -> DiTModul
     )
 
 
-def training_callbacks(cfg: DictConfig, val_cache: dict) -> list:
+def training_callbacks(cfg: DictConfig, val_cache: dict, vae=None) -> list:
     # Callbacks run in list order, and the EMA callback swaps the training weights back in its own
     # `on_validation_epoch_end`: everything that samples with the validated (EMA) weights comes before it.
     callbacks = [TagCheckpointKind("dit"), SeedPerRank(cfg.seed)]
     if cfg.sample.log_every_n_val > 0 and cfg.mlflow.enabled:
-        callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample)))
+        callbacks.append(LogSampleVideos(val_cache, to_container(cfg.sample), vae))
     if cfg.evaluate.every_n_steps:
         from sorabench.metrics.evaluate import EvaluateCallback
 
-        callbacks.append(EvaluateCallback(cfg, every_n_steps=cfg.evaluate.every_n_steps))
+        callbacks.append(EvaluateCallback(cfg, every_n_steps=cfg.evaluate.every_n_steps, vae=vae))
     if cfg.ema.enabled:
         callbacks.append(EMA(decay=cfg.ema.decay, start_step=cfg.ema.start_step))
     return callbacks
@@ -230,8 +232,10 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         vocab = LearnedTextEncoder.from_captions(train_cache["captions"]).vocab
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
-    module.attach_vae(vae)
-    module.precompute_text([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
+    frozen_text = None
+    if module.learned_text is None:  # every caption embedded once, kept on disk beside the latents
+        frozen_text = module.text_encoder()
+        frozen_text.precompute([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
     if cfg.budget == "flops":  # equal training FLOPs: max_steps scaled by forward GFLOPs at real caption lengths
         with open_dict(cfg):
             cfg.trainer.max_steps = flops_budget_steps(module, train_cache["captions"], cfg.budget_reference,
@@ -241,10 +245,11 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     label = strategy_label(cfg.conditioning.name, cfg.conditioning.get("timestep"))
     logger = make_logger(cfg, tags={**(tags or {}), "sorabench.strategy": label},
                          parent_run_id=parent_run_id)
-    callbacks = [EmbedVAE(vae_ckpt, vae), *training_callbacks(cfg, val_cache), *callbacks]
+    callbacks = [EmbedVAE(vae_ckpt, vae), *training_callbacks(cfg, val_cache, vae), *callbacks]
     trainer = build_trainer(cfg, logger, callbacks, monitor="val/loss")
     t0 = time.time()
-    fit(trainer, module, LatentDataModule(train_cache, val_cache, cfg.data.batch_size), run_dir)
+    fit(trainer, module, LatentDataModule(train_cache, val_cache, cfg.data.batch_size, text_encoder=frozen_text),
+        run_dir)
     train_seconds = time.time() - t0
     if trial is not None and trial.should_prune():
         import optuna
@@ -256,7 +261,7 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     if cfg.evaluate.enabled:
         from sorabench.metrics.evaluate import evaluate_module
 
-        metrics.update(evaluate_module(module, cfg, logger, step=trainer.global_step))
+        metrics.update(evaluate_module(module.pipeline(vae), cfg, logger, step=trainer.global_step))
     for k, v in trainer.callback_metrics.items():
         metrics.setdefault(k, float(v))
     if logger is not None:
@@ -277,7 +282,7 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
         captions = []
         for split in ("train", "val"):
             captions += load_or_encode(vae, vae_ckpt, data, split, cfg.cache_dir)["captions"]
-        if cfg.text_encoder.name != "learned":
+        if is_frozen(cfg.text_encoder.name):
             text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
             frozen_text_encoder(cfg.text_encoder.name, **text_cfg).precompute(captions, cache_dir=cfg.cache_dir)
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
@@ -285,16 +290,13 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
         ensure_evaluator(cfg)
 
 
-def warn_truncated_prompts(module: DiTModule, prompts: list[str]):
+def warn_truncated_prompts(pipeline: TextToVideo, prompts: list[str]):
     """Say so when a prompt is longer than the text encoder reads (text_encoder.max_length tokens): the rest is cut."""
     import sys
 
-    limit = int(module.hparams.text_encoder.get("max_length", 32))
+    limit = int(pipeline.text_encoder.max_length)
     for p in sorted(set(prompts)):
-        if module.learned_text is not None:
-            n = 1 + len(module.learned_text.words(p))  # [CLS] + words
-        else:
-            n = len(module.frozen_text().tokenizer(p)["input_ids"])
+        n = pipeline.text_encoder.num_tokens(p)
         if n > limit:
             print(f"warning: prompt {p[:40]!r}... is {n} tokens long; the text encoder reads only the first {limit} "
                   f"(text_encoder.max_length of this checkpoint), the rest is ignored", file=sys.stderr)
@@ -309,9 +311,9 @@ def sample(cfg: DictConfig) -> int:
         require(isinstance(p, str) and p.strip() != "", "prompt", p,
                 "is empty: give a caption, e.g. prompt=\"a red circle moving left\" (an empty caption is not the "
                 "model's learned unconditional (null) condition)")
-    module = load_dit(cfg.ckpt)
-    warn_truncated_prompts(module, prompts)
-    videos = module.sample_videos(prompts, steps=cfg.steps, guidance_scale=cfg.cfg, seed=cfg.seed)
+    pipeline = load_pipeline(cfg.ckpt)
+    warn_truncated_prompts(pipeline, prompts)
+    videos = pipeline.sample_videos(prompts, steps=cfg.steps, guidance_scale=cfg.cfg, seed=cfg.seed)
     out = Path(cfg.out)
     write_clips(out, videos, [f"sample_{i:02d}" for i in range(len(prompts))], prompts, scale=cfg.scale,
                 sheet="samples.png")

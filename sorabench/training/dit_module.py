@@ -1,13 +1,14 @@
 """The DiT LightningModule: text-to-video diffusion on cached VAE latents, any conditioning strategy, any objective.
 
 Batches come from the latent cache (`sorabench/latents.py`): `latent` (B, C, T', H', W') already multiplied by the
-VAE's scale factor, `caption` list[str]. Classifier-free guidance is trained by caption dropout to the DiT's learned
-null condition; sampling batches the conditional and unconditional halves in one forward (`diffusion.py`).
+VAE's scale factor, `caption` list[str], and - with a frozen text encoder - `text`, the captions' embeddings, cached
+beside the latents and looked up by the data module. Classifier-free guidance is trained by caption dropout to the
+DiT's learned null condition; sampling batches the conditional and unconditional halves in one forward
+(`diffusion.py`).
 
-The frozen MiniLM text encoder is deliberately *not* a submodule: it would otherwise be deep-copied by the
-EMA callback (`trainer.EMA`), averaged every step and written into every checkpoint (90 MB). It lives in a process-wide
-table keyed by its config, with its per-caption embedding cache, and the module holds only that key. A learned
-text encoder trains with the DiT, so it is a submodule like any other.
+The module's state is what trains: the DiT and, with `text_encoder=learned`, the text encoder. A frozen encoder and
+the VAE are deliberately outside it (not in its state_dict, its EMA copy or its optimiser); `pipeline(...)`
+composes them with the DiT for sampling and evaluation (`sorabench.pipeline.TextToVideo`).
 """
 
 from __future__ import annotations
@@ -18,21 +19,13 @@ import torch
 
 from sorabench.diffusion import build_diffusion
 from sorabench.models.dit import DiT, caption_flops, forward_flops
-from sorabench.models.text import TextEmbedding, build_text_encoder
+from sorabench.models.text import TextEmbedding, build_text_encoder, frozen_text_encoder, is_frozen, text_dim
+from sorabench.pipeline import TextToVideo
 from sorabench.training.trainer import lr_schedule
-
-_FROZEN_TEXT_ENCODERS: dict[tuple, torch.nn.Module] = {}
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step."""
-
-
-def frozen_text_encoder(name: str, **kwargs) -> torch.nn.Module:
-    key = (name, tuple(sorted(kwargs.items())))
-    if key not in _FROZEN_TEXT_ENCODERS:
-        _FROZEN_TEXT_ENCODERS[key] = build_text_encoder(name, **kwargs)
-    return _FROZEN_TEXT_ENCODERS[key]
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim: dict) -> torch.optim.AdamW:
@@ -86,54 +79,48 @@ class DiTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its whole resolved config itself
         text_cfg = {k: v for k, v in text_encoder.items() if k != "name"}
-        if text_encoder["name"] == "learned":
-            from sorabench.models.text import LearnedTextEncoder
-
-            self.learned_text = LearnedTextEncoder(vocab=list(vocab or []), **text_cfg)
-            text_dim = self.learned_text.dim
-        else:
-            self.learned_text = None
-            text_dim = frozen_text_encoder(text_encoder["name"], **text_cfg).dim
+        # A trained text encoder is a submodule (it is in the state_dict, the EMA and the optimiser); a frozen one
+        # is not part of the module at all: its embeddings come with the batch.
+        self.learned_text = (None if is_frozen(text_encoder["name"]) else
+                             build_text_encoder(text_encoder["name"], vocab=vocab or [], **text_cfg))
         self.diffusion = build_diffusion(**diffusion)
         cond_kwargs = {k: v for k, v in conditioning.items() if k != "name"}
         self.model = DiT(
             latent_shape,
             conditioning=conditioning["name"],
-            text_dim=text_dim,
+            text_dim=text_dim(text_encoder["name"], **text_cfg),
             max_text_len=text_encoder.get("max_length", 32),
             timestep_scale=self.diffusion.timestep_scale,
             **dit,
             **cond_kwargs,
         )
-        self.attach_vae(None)
 
-    def attach_vae(self, vae) -> None:
-        """The VAE that decodes samples. Kept out of the module's children on purpose: it is trained and checkpointed
-        on its own (the DiT's hparams name its checkpoint), so it must not enter this state_dict, the EMA or the
-        optimiser."""
-        object.__setattr__(self, "vae", vae.eval() if vae is not None else None)
-
-    # ---- text ----------------------------------------------------------------------------------------------
-    def frozen_text(self) -> torch.nn.Module:
-        """The process-wide frozen encoder this module's `text_encoder` config names."""
+    # ---- text and sampling ---------------------------------------------------------------------------------
+    def text_encoder(self) -> torch.nn.Module:
+        """The encoder of this module's `text_encoder` config: its own learned one, or the process's shared frozen
+        one (`sorabench.models.text.frozen_text_encoder`)."""
+        if self.learned_text is not None:
+            return self.learned_text
         cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
         return frozen_text_encoder(self.hparams.text_encoder["name"], **cfg)
 
-    def encode_text(self, captions: list[str]) -> TextEmbedding:
-        if self.learned_text is not None:
-            return self.learned_text.encode(list(captions)).to(self.device)
-        return self.frozen_text().encode(list(captions)).to(self.device)
+    def pipeline(self, vae=None) -> TextToVideo:
+        """Captions -> videos with this module's DiT (the weights it holds when sampling: EMA at validation) and
+        `vae` (a `VAEModule`, or None for latents only)."""
+        return TextToVideo(self.model, self.diffusion, self.text_encoder(), vae)
 
-    def precompute_text(self, captions: list[str], cache_dir: str | None = None) -> None:
-        """Fill the frozen encoder's caption cache before training, from `cache_dir` when an earlier process left
-        these captions' embeddings there (a learned encoder trains: nothing to cache)."""
-        if self.learned_text is None:
-            self.frozen_text().precompute(list(captions), cache_dir=cache_dir)
+    def batch_text(self, batch: dict) -> TextEmbedding:
+        """The batch's caption embeddings: looked up by the data module (frozen encoder), or encoded here (learned)."""
+        if self.learned_text is not None:
+            return self.learned_text.encode(list(batch["caption"])).to(self.device)
+        if "text" not in batch:
+            raise KeyError("a batch for a frozen text encoder carries `text` (LatentDataModule(..., text_encoder=))")
+        return batch["text"]
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x0 = batch["latent"]
-        text = self.encode_text(batch["caption"])
+        text = self.batch_text(batch)
         drop = torch.rand(len(x0), device=self.device) < self.hparams.caption_dropout
         loss = self.diffusion.training_loss(self.model, x0, self.model.drop_text(text, drop))
         if not torch.isfinite(loss):
@@ -144,15 +131,15 @@ class DiTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # Fixed noise and timesteps per batch, so val/loss is comparable across evaluations and runs.
         g = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
-        text = self.encode_text(batch["caption"])
-        loss = self.diffusion.training_loss(self.model, batch["latent"], text, generator=g)
+        loss = self.diffusion.training_loss(self.model, batch["latent"], self.batch_text(batch), generator=g)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["caption"]))
 
     def text_lengths(self, captions: list[str]) -> torch.Tensor:
         """Valid text tokens per caption, as the DiT sees them."""
         if self.learned_text is not None:
             return self.learned_text.tokenize(list(captions))[1].sum(1)
-        return torch.cat([self.encode_text(captions[i : i + 1024]).mask.sum(1).cpu()
+        encoder = self.text_encoder()
+        return torch.cat([encoder.encode(captions[i : i + 1024]).mask.sum(1).cpu()
                           for i in range(0, len(captions), 1024)])
 
     def gflops(self, captions: list[str] | None = None) -> float:
@@ -186,30 +173,6 @@ class DiTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- sampling ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_latents(self, captions: list[str], steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
-        """Latents (B, C, T', H', W') for captions; deterministic given the seed."""
-        if guidance_scale < 0:
-            raise ValueError(f"guidance scale {guidance_scale} must be >= 0")
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        text = self.encode_text(captions)
-        null = self.model.null_text(len(captions))
-        shape = (len(captions), *self.model.latent_shape)
-        return self.diffusion.sample(self.model, shape, text, null, steps, guidance_scale, g)
-
-    @torch.no_grad()
-    def sample_videos(self, captions: list[str], steps: int, guidance_scale: float, seed: int, batch_size: int = 64):
-        """Videos (B, 3, T, H, W) in [-1, 1], decoded by the attached VAE, sampled in batches."""
-        if self.vae is None:
-            raise RuntimeError("no VAE attached to decode samples (DiTModule.vae)")
-        self.vae.to(self.device)
-        videos = []
-        for i in range(0, len(captions), batch_size):
-            latents = self.sample_latents(captions[i : i + batch_size], steps, guidance_scale, seed + i)
-            videos.append(self.vae.decode_latents(latents).clamp(-1, 1))
-        return torch.cat(videos)
-
 
 class LogSampleVideos(L.Callback):
     """Every `log_every_n_val` validations and at the end of training, sample a fixed set of validation prompts (seen
@@ -220,8 +183,8 @@ class LogSampleVideos(L.Callback):
     training weights back in its own `on_validation_epoch_end`.
     """
 
-    def __init__(self, val_cache: dict, sample_cfg: dict):
-        self.cfg = sample_cfg
+    def __init__(self, val_cache: dict, sample_cfg: dict, vae):
+        self.cfg, self.vae = sample_cfg, vae
         n = int(sample_cfg["log_prompts"])
         unseen = val_cache["unseen"].tolist()
         seen_idx = [i for i, u in enumerate(unseen) if not u][:n]
@@ -231,7 +194,7 @@ class LogSampleVideos(L.Callback):
         self.validations = 0
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or pl_module.vae is None or not self.prompts:
+        if trainer.sanity_checking or not self.prompts:
             return
         self.validations += 1
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
@@ -242,7 +205,8 @@ class LogSampleVideos(L.Callback):
         from sorabench.data.video_io import write_clips
         from sorabench.tracking import log_artifact
 
-        videos = pl_module.sample_videos(self.prompts, self.cfg["steps"], self.cfg["guidance_scale"], seed=0).cpu()
+        videos = pl_module.pipeline(self.vae).sample_videos(self.prompts, self.cfg["steps"], self.cfg["guidance_scale"],
+                                                            seed=0).cpu()
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}"
         captions = [f"[{tag}] {p}" for p, tag in zip(self.prompts, self.tags)]
         stems = [f"{i:02d}_{tag}" for i, tag in enumerate(self.tags)]

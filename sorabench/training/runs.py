@@ -22,6 +22,7 @@ from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, config_key
 from sorabench.files import atomic_write_text, file_lock, file_sha256, state_dict_sha256
+from sorabench.pipeline import TextToVideo
 from sorabench.training.dit_module import DiTModule
 from sorabench.training.vae_module import VAEModule
 
@@ -141,16 +142,20 @@ def embedded_vae(embedded: dict, path: str | Path):
 
 
 def load_dit(path: str | Path) -> DiTModule:
-    """A DiT checkpoint with its VAE attached: the embedded one, or (checkpoints from before embedding) the VAE
-    checkpoint its hyperparameters name."""
+    """The DiTModule of a DiT checkpoint (its weights, the EMA average when training used one)."""
+    read_checkpoint(path, "dit")
+    return DiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+
+
+def load_pipeline(path: str | Path) -> TextToVideo:
+    """A DiT checkpoint as a captions -> videos pipeline, with its VAE: the embedded one, or (checkpoints from before
+    embedding) the VAE checkpoint its hyperparameters name."""
     ckpt = read_checkpoint(path, "dit")
     module = DiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     if "sorabench_vae" in ckpt:
-        module.attach_vae(embedded_vae(ckpt["sorabench_vae"], path))
-    else:
-        vae_ckpt = Path(module.hparams.vae_ckpt)
-        if not vae_ckpt.is_file():
-            raise FileNotFoundError(f"{path} names its VAE checkpoint {vae_ckpt}, which does not exist from "
-                                    f"{Path.cwd()} (checkpoints written since the VAE is embedded need no such file)")
-        module.attach_vae(load_vae(vae_ckpt))
-    return module
+        return module.pipeline(embedded_vae(ckpt["sorabench_vae"], path))
+    vae_ckpt = Path(module.hparams.vae_ckpt)
+    if not vae_ckpt.is_file():
+        raise FileNotFoundError(f"{path} names its VAE checkpoint {vae_ckpt}, which does not exist from "
+                                f"{Path.cwd()} (checkpoints written since the VAE is embedded need no such file)")
+    return module.pipeline(load_vae(vae_ckpt))
