@@ -34,18 +34,9 @@ def test_caption_flops_is_the_mean_over_real_caption_lengths():
         caption_flops(model, [])
 
 
-def test_kid_subset_size_is_honoured(tmp_path, monkeypatch):
-    import sorabench.metrics.evaluate as evaluate
+def test_kid_subset_size_is_honoured(tmp_path):
+    from sorabench.metrics.registry import EvalSetup, build_metric
 
-    sizes = []
-    real_kid = evaluate.frame_kid
-
-    def spy(*args, **kwargs):
-        kid = real_kid(*args, **kwargs)
-        sizes.append(kid.subset_size)
-        return kid
-
-    monkeypatch.setattr(evaluate, "frame_kid", spy)
     classifier = VideoAttributeClassifier({"colour": 6, "shape": 3}, width=4, feature_dim=8)
     nets = (EvaluatorFeatures(classifier), EvaluatorFeatures(classifier, per_frame=True))
     g = torch.Generator().manual_seed(0)
@@ -54,10 +45,11 @@ def test_kid_subset_size_is_honoured(tmp_path, monkeypatch):
     fields = {"feature_net": "x", "feature_sha256": "y", "n_real": 6, "n_generated": 6, "num_frames": 4,
               "frame_stride": 1, "clip_start": "first", "resolution": 16, "real_split": "t", "seed": 0}
     for size, expected in ((10, 10), (1000, 24)):  # 6 clips x 4 frames = 24 frames cap it
-        m = OmegaConf.create({"n_real": 6, "n_samples": 6, "batch_size": 6, "num_frames": 4, "frame_stride": 1, "kid_subsets": 3,
-                              "kid_subset_size": size, "stats_cache_dir": str(tmp_path / str(size))})
-        out = evaluate_videos([fake], real, m, nets, None, fields, None, None)
-        assert sizes[-1] == expected and out["eval/kid"] == out["eval/kid"]
+        m = OmegaConf.create({"n_real": 6, "n_samples": 6, "batch_size": 6, "num_frames": 4, "frame_stride": 1,
+                              "kid_subsets": 3, "kid_subset_size": size, "stats_cache_dir": str(tmp_path / str(size))})
+        assert build_metric("kid", EvalSetup(m, *nets, fields=fields)).subset_size == expected
+        out, ranked = evaluate_videos([fake], real, m, nets, None, fields, None, None)
+        assert out["eval/kid"] == out["eval/kid"] and ranked == {"fvd": False, "fid": False, "kid": False}
 
 
 # ---- two axes: the text pathway x the timestep pathway -------------------------------------------------------

@@ -19,8 +19,8 @@ from sorabench.metrics import (
     attribute_accuracy,
     build_feature_networks,
     clips_to_frames,
-    frame_fid,
-    frame_kid,
+    FrameFID,
+    FrameKID,
     frechet_distance,
     kid_subset_size,
     load_real_statistics,
@@ -342,9 +342,9 @@ def test_torchscript_per_frame_network_feeds_frame_fid(tmp_path):
     frame_net = TorchScriptFeatures(path, resolution=16, value_range=(0, 255), layout="NCHW")
     clips = moving_squares(4, frames=3)
     assert frame_net.per_frame and frame_net(clips).shape == (12, 6)
-    fid = frame_fid(frame_net)
-    fid.update(clips_to_frames(clips), real=True)
-    fid.update(clips_to_frames(clips), real=False)
+    fid = FrameFID(frame_net)
+    fid.update(clips, real=True)
+    fid.update(clips, real=False)
     assert abs(float(fid.compute())) < 1e-3
     with pytest.raises(ValueError, match="num_frames must be null"):
         TorchScriptFeatures(path, resolution=16, num_frames=4, layout="NCHW")
@@ -376,9 +376,9 @@ def test_evaluator_features_identity_and_frozen_mode():
 def test_frame_fid_agrees_with_frechet_distance_and_kid_runs():
     frame_net = EvaluatorFeatures(VideoAttributeClassifier(ATTRIBUTES, width=4, feature_dim=8), per_frame=True)
     real, fake = moving_squares(6, frames=4, seed=0), moving_squares(6, frames=4, seed=1) * 0.5
-    fid = frame_fid(frame_net)
-    fid.update(clips_to_frames(real), real=True)
-    fid.update(clips_to_frames(fake), real=False)
+    fid = FrameFID(frame_net)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
     with torch.no_grad():
         f_real, f_fake = frame_net(real).double().numpy(), frame_net(fake).double().numpy()
     expected = frechet_distance(
@@ -386,13 +386,13 @@ def test_frame_fid_agrees_with_frechet_distance_and_kid_runs():
     )
     assert float(fid.compute()) == pytest.approx(expected, rel=1e-3)
 
-    assert frame_kid(frame_net, n_real_frames=24, n_fake_frames=24, max_subset_size=10).subset_size == 10
-    kid = frame_kid(frame_net, n_real_frames=24, n_fake_frames=24, subsets=5)
+    assert FrameKID(frame_net, n_real_frames=24, n_fake_frames=24, max_subset_size=10).subset_size == 10
+    kid = FrameKID(frame_net, n_real_frames=24, n_fake_frames=24, subsets=5)
     assert kid.subset_size == 24
-    kid.update(clips_to_frames(real), real=True)
-    kid.update(clips_to_frames(fake), real=False)
-    mean, std = kid.compute()
-    assert math.isfinite(float(mean)) and float(std) >= 0
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    out = kid.compute()
+    assert math.isfinite(float(out["kid"])) and float(out["kid_std"]) >= 0
 
 
 def test_kid_subset_size_adapts():
@@ -509,9 +509,9 @@ def test_a_metric_registered_outside_the_package(tmp_path):
 
     fake = [torch.full((2, 3, 8, 32, 32), 0.5), torch.full((2, 3, 8, 32, 32), -0.5)]
     real = [torch.zeros(2, 3, 8, 32, 32)]
-    out = evaluate_videos(fake, real, cfg.metrics, (None, None), None, {}, None, None)  # no FVD/FID network
-    assert out == {"eval/test_brightness": pytest.approx(0.0)}
-    out = evaluate_videos(fake[:1], real, cfg.metrics, (None, None), None, {}, None, None)
+    out, ranked = evaluate_videos(fake, real, cfg.metrics, (None, None), None, {}, None, None)  # no FVD/FID net
+    assert out == {"eval/test_brightness": pytest.approx(0.0)} and ranked == {"test_brightness": True}
+    out, _ = evaluate_videos(fake[:1], real, cfg.metrics, (None, None), None, {}, None, None)
     assert out == {"eval/test_brightness": pytest.approx(0.5)}
 
     # the report ranks by the flag the evaluation logs beside it, not by the metric's name

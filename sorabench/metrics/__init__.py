@@ -1,6 +1,6 @@
 """Metrics: Fréchet distance, FVD, FID/KID on frames, feature networks, and text–video alignment."""
 
-from sorabench.metrics.alignment import attribute_accuracy
+from sorabench.metrics.alignment import Alignment, alignment_from_logits, attribute_accuracy
 from sorabench.metrics.features import (
     EvaluatorFeatures,
     FeatureNetwork,
@@ -11,9 +11,9 @@ from sorabench.metrics.frechet import frechet_distance
 from sorabench.metrics.fvd import (
     PROTOCOL_FIELDS,
     FrechetVideoDistance,
+    FrameFID,
+    FrameKID,
     clips_to_frames,
-    frame_fid,
-    frame_kid,
     kid_subset_size,
     load_real_statistics,
     protocol_key,
@@ -22,6 +22,10 @@ from sorabench.metrics.fvd import (
 
 __all__ = [
     "PROTOCOL_FIELDS",
+    "Alignment",
+    "FrameFID",
+    "FrameKID",
+    "alignment_from_logits",
     "EvaluatorFeatures",
     "FeatureNetwork",
     "FrechetVideoDistance",
@@ -29,8 +33,6 @@ __all__ = [
     "attribute_accuracy",
     "build_feature_networks",
     "clips_to_frames",
-    "frame_fid",
-    "frame_kid",
     "frechet_distance",
     "kid_subset_size",
     "load_real_statistics",

@@ -16,6 +16,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from torchmetrics import Metric
+
+from sorabench.metrics.registry import EvalSetup, register
 
 
 def _normalised_entropy(shares: torch.Tensor) -> float:
@@ -118,4 +121,64 @@ def attribute_accuracy(
             "mean_softmax_entropy": softmax_entropy[name],
         }
     return report
+
+
+def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") -> dict[str, float]:
+    """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
+    levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate),
+    from the evaluator's logits of those clips."""
+    names = list(logits)  # the evaluator's heads: the label schema it was trained on, in label-column order
+    report = attribute_accuracy(logits, labels, unseen, names)
+    out = {}
+    for attr in [*names, "all"]:
+        out[f"{prefix}/acc_{attr}"] = report["overall"]["acc"][attr]
+        out[f"{prefix}/acc_{attr}_seen"] = report["seen"]["acc"][attr]
+        out[f"{prefix}/acc_{attr}_unseen"] = report["unseen"]["acc"][attr]
+        out[f"{prefix}/chance_{attr}"] = report["chance_uniform"][attr]
+    for attr in names:
+        out[f"{prefix}/pred_entropy_{attr}"] = report["predictions"][attr]["entropy"]
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+@register("alignment")
+class Alignment(Metric):
+    """Text-video alignment as a metric: the evaluator reads every generated clip, in prompt order, and `compute()`
+    scores its readings against the prompts' labels (`alignment_from_logits`: acc_<attribute>, acc_all, each also
+    on seen and unseen compositions, chance levels and prediction entropies). Real clips are not read."""
+
+    higher_is_better = True
+    is_differentiable = False
+    full_state_update = False
+    needs_real = False
+
+    def __init__(self, evaluator: torch.nn.Module, labels: torch.Tensor, unseen: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.evaluator, self.labels, self.unseen = evaluator, labels, unseen
+        self.logits: list[dict[str, torch.Tensor]] = []
+
+    @classmethod
+    def from_setup(cls, setup: EvalSetup) -> Alignment | None:
+        labels = setup.labels
+        if setup.evaluator is None or labels is None or not labels.shape[1] or not bool((labels >= 0).all()):
+            return None  # no attribute labels to follow (a folder of videos, or unlabelled prompts)
+        return cls(setup.evaluator, labels, setup.unseen)
+
+    def update(self, videos: torch.Tensor, real: bool) -> None:
+        if not real:
+            with torch.no_grad():
+                self.logits.append({k: v.cpu() for k, v in self.evaluator(videos).items()})
+
+    def compute(self) -> dict[str, float]:
+        joined = {name: torch.cat([c[name] for c in self.logits]) for name in self.logits[0]}
+        n = len(next(iter(joined.values())))
+        return {k.removeprefix("eval/"): v for k, v in
+                alignment_from_logits(joined, self.labels[:n], self.unseen[:n]).items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.logits = []
+
+    @staticmethod
+    def ranked_keys(keys: list[str]) -> list[str]:
+        return [k for k in keys if k.startswith("acc_")]  # chance levels and entropies are diagnostics
 

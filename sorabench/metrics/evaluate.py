@@ -25,17 +25,10 @@ from rich.table import Table
 
 from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import attribute_schema, build_dataset, clip_fields
-from sorabench.metrics.alignment import attribute_accuracy
+from sorabench.metrics.alignment import alignment_from_logits
 from sorabench.metrics.features import build_feature_networks
-from sorabench.metrics.registry import METRICS
-from sorabench.metrics.fvd import (
-    FrechetVideoDistance,
-    clips_to_frames,
-    frame_fid,
-    frame_kid,
-    load_real_statistics,
-    save_real_statistics,
-)
+from sorabench.metrics.fvd import FrechetVideoDistance  # noqa: F401 - registers fvd, fid and kid
+from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
 from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
 from sorabench.training.runs import load_pipeline
 
@@ -68,9 +61,10 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
             path = Path(m[net].path)
             if not path.is_file():
                 raise FileNotFoundError(f"metrics.{net}.path={str(path)!r}: no such TorchScript feature network file")
-    for name in m.get("extra") or []:
-        require(name in METRICS, "metrics.extra", list(m.extra), f"{name!r} is not a registered metric "
-                f"(sorabench.metrics.registry; registered: {sorted(METRICS)})")
+    for key in ("compute", "extra"):
+        for name in m.get(key) or []:
+            require(name in METRICS, f"metrics.{key}", list(m[key]), f"{name!r} is not a registered metric "
+                    f"(sorabench.metrics.registry; registered: {sorted(METRICS)})")
     labelled = bool(attribute_schema(to_container(cfg.data)))
     if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
@@ -142,95 +136,48 @@ def real_batches(dataset, m: DictConfig, count: int, seed: int):
         yield take_clips(video, m, m.get("clip_start", "first"), generator)
 
 
+def metric_names(m: DictConfig) -> list[str]:
+    """What an evaluation computes: `metrics.compute` (the built-ins) and `metrics.extra` (any registered metric)."""
+    return [*(m.get("compute") or DEFAULT_METRICS), *(m.get("extra") or [])]
+
+
+DEFAULT_METRICS = ("fvd", "fid", "kid", "alignment")  # a metrics config from before `metrics.compute` existed
+
+
 @torch.no_grad()
-def one_process() -> bool:
-    """torchmetrics' `distributed_available_fn` for metrics that one process computes alone."""
-    return False
-
-
 def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, fields: dict,
-                    prompt_labels: torch.Tensor | None, prompt_unseen: torch.Tensor | None) -> dict[str, float]:
-    """FVD, FID, KID (and alignment when an evaluator and prompt labels are given) of generated vs real clips.
+                    prompt_labels: torch.Tensor | None,
+                    prompt_unseen: torch.Tensor | None) -> tuple[dict[str, float], dict[str, bool]]:
+    """Every metric of `metric_names(m)` (each a registered torchmetrics Metric, `sorabench.metrics.registry`) of
+    generated vs real clips: ({eval/<key>: value}, {key: higher is better} for the keys the metrics rank by).
 
     `fake_batches` and `real_batches` are iterables of clip batches (B, C, T, H, W) already cut to the protocol;
-    `real_batches` may also be a callable returning one, called only when something needs real clips (the FVD
+    `real_batches` may also be a callable returning one, called only when a metric needs real clips (FVD's real
     statistics may come from the cache). Clips are consumed batch by batch: features, never all clips, are kept.
     """
-    video_net, frame_net = nets
-    n_real, n_fake, t = int(m.n_real), int(m.n_samples), int(m.num_frames)
-    # One process evaluates (rank 0 after a DDP fit, while the other ranks wait): no sync across processes.
-    fvd = FrechetVideoDistance(video_net, distributed_available_fn=one_process) if video_net is not None else None
-    need_real_fvd = False
-    if fvd is not None:
-        cached = load_real_statistics(m.stats_cache_dir, fields)
-        need_real_fvd = cached is None
-        if cached is not None:
-            fvd.set_real_statistics(**cached)
-    frame_metrics = []
-    if frame_net is not None:
-        frame_metrics = [frame_fid(frame_net),
-                         frame_kid(frame_net, n_real * t, n_fake * t, subsets=int(m.kid_subsets),
-                                   max_subset_size=int(m.get("kid_subset_size", 1000)))]
-    extra = {name: METRICS[name]() for name in m.get("extra") or []}  # registered metrics: update(video, real)
-    for metric in [*frame_metrics, *extra.values()]:
-        metric.distributed_available_fn = one_process
-
-    if need_real_fvd or frame_metrics or extra:
-        seen = 0
+    setup = EvalSetup(m, nets[0], nets[1], evaluator, fields, prompt_labels, prompt_unseen)
+    metrics = {name: metric for name in metric_names(m) if (metric := build_metric(name, setup)) is not None}
+    readers = [metric for metric in metrics.values() if getattr(metric, "needs_real", True)]
+    if readers:
+        seen, n_real = 0, int(m.n_real)
         for video in (real_batches() if callable(real_batches) else real_batches):
             video = video[: n_real - seen]
-            if need_real_fvd:
-                fvd.update(video, real=True)
-            for metric in frame_metrics:
-                metric.update(clips_to_frames(video), real=True)
-            for metric in extra.values():
+            for metric in readers:
                 metric.update(video, real=True)
             seen += len(video)
             if seen >= n_real:
                 break
-        if need_real_fvd:
-            save_real_statistics(m.stats_cache_dir, fields, fvd.real_statistics())
-
-    logits = []
     for video in fake_batches:
-        if fvd is not None:
-            fvd.update(video, real=False)
-        for metric in frame_metrics:
-            metric.update(clips_to_frames(video), real=False)
-        for metric in extra.values():
+        for metric in metrics.values():
             metric.update(video, real=False)
-        if evaluator is not None:
-            logits.append(evaluator(video))
-
-    out = {}
-    if fvd is not None:
-        out["eval/fvd"] = float(fvd.compute())
-    if frame_metrics:
-        out["eval/fid"] = float(frame_metrics[0].compute())
-        kid_mean, kid_std = frame_metrics[1].compute()
-        out["eval/kid"], out["eval/kid_std"] = float(kid_mean), float(kid_std)
-    out.update({f"eval/{name}": float(metric.compute()) for name, metric in extra.items()})
-    if logits and prompt_labels is not None and prompt_labels.shape[1] and (prompt_labels >= 0).all():
-        joined = {name: torch.cat([c[name] for c in logits]) for name in logits[0]}  # the evaluator's heads
-        out.update(alignment_from_logits(joined, prompt_labels, prompt_unseen))
-    return out
-
-
-def alignment_from_logits(logits: dict, labels, unseen, prefix: str = "eval") -> dict[str, float]:
-    """Per-attribute and all-correct accuracy of clips vs their prompts' labels (overall, seen, unseen), chance
-    levels, and the entropy of the evaluator's predictions (near 0 = it calls everything one class: degenerate),
-    from the evaluator's logits of those clips."""
-    names = list(logits)  # the evaluator's heads: the label schema it was trained on, in label-column order
-    report = attribute_accuracy(logits, labels, unseen, names)
-    out = {}
-    for attr in [*names, "all"]:
-        out[f"{prefix}/acc_{attr}"] = report["overall"]["acc"][attr]
-        out[f"{prefix}/acc_{attr}_seen"] = report["seen"]["acc"][attr]
-        out[f"{prefix}/acc_{attr}_unseen"] = report["unseen"]["acc"][attr]
-        out[f"{prefix}/chance_{attr}"] = report["chance_uniform"][attr]
-    for attr in names:
-        out[f"{prefix}/pred_entropy_{attr}"] = report["predictions"][attr]["entropy"]
-    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+    out, ranked = {}, {}
+    for name, metric in metrics.items():
+        value = metric.compute()
+        scores = ({f"eval/{k}": float(v) for k, v in value.items()} if isinstance(value, dict) else
+                  {f"eval/{name}": float(value)})
+        out.update(scores)
+        ranked.update(directions(name, metric, scores))
+    return out, ranked
 
 
 @torch.no_grad()
@@ -326,7 +273,7 @@ def guidance_axis(pipeline, m: DictConfig, scales: list[float], seed: int, split
                                                        guidance_scale=scale, seed=seed,
                                                        batch_size=int(m.batch_size)).cpu(), sub)
             real = lambda: real_batches(dataset, sub, n_real, seed)  # noqa: E731 - read only if not cached
-            scored = evaluate_videos([fake], real, sub, nets, evaluator, fields, labels, unseen)
+            scored, _ = evaluate_videos([fake], real, sub, nets, evaluator, fields, labels, unseen)
             out.update(_axis_scores(scored, scale, prefix))
     return out
 
@@ -366,7 +313,7 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     labels, unseen = prompts["labels"], prompts["unseen"]
     splits = axis_splits(data_cfg, m, dataset, prompts) if scales else []
     k = int(m.get("guidance_n_samples") or n)
-    per_seed, axis_seconds = [], 0.0
+    per_seed, axis_seconds, ranked = [], 0.0, {}
     t0 = time.time()
     for s in range(int(m.num_seeds)):
         seed = int(m.seed) + s
@@ -378,8 +325,9 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
         kept = []  # the first k clips at the default scale, reused by the guidance axis
         if scales:
             fake = (kept.append(video[: k - sum(map(len, kept))]) or video for video in fake)
-        per_seed.append(evaluate_videos(fake, lambda seed=seed: real_batches(dataset, m, int(m.n_real), seed),
-                                        m, nets, evaluator, fields, labels, unseen))
+        scored, ranked = evaluate_videos(fake, lambda seed=seed: real_batches(dataset, m, int(m.n_real), seed),
+                                         m, nets, evaluator, fields, labels, unseen)
+        per_seed.append(scored)
         if scales:
             t_axis = time.time()
             per_seed[-1].update(guidance_axis(pipeline, m, scales, seed, splits, torch.cat(kept), nets, evaluator,
@@ -402,9 +350,8 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
                          "eval.protocol.sample_steps": str(m.sample_steps),
                          "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                          "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
-        # what the report ranks registered metrics by (torchmetrics' own flag), so it never guesses from their names
-        protocol.update({f"eval.higher_is_better.{name}": str(METRICS[name].higher_is_better)
-                         for name in m.get("extra") or []})
+        # what the report ranks each metric by (torchmetrics' own flag), so it never guesses from a name
+        protocol.update({f"eval.higher_is_better.{key}": str(up) for key, up in ranked.items()})
         if scales:
             protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
                              "eval.protocol.guidance_n_samples": str(k),
@@ -516,7 +463,7 @@ def main(cfg: DictConfig) -> int:
         # Real clips start at metrics.clip_start (StyleGAN-V: random), generated ones at frame 0.
         real = folder_batches(real_files, m, size, m.get("clip_start", "first"), int(m.seed))
         fake = folder_batches(fake_files, m, size, "first", int(m.seed))
-        metrics = evaluate_videos(fake, real, m, nets, None, fields, None, None)
+        metrics, _ = evaluate_videos(fake, real, m, nets, None, fields, None, None)
         print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
         return 0
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")

@@ -1,4 +1,5 @@
-"""FVD as a streaming torchmetrics Metric, FID/KID on frames, and the cache of real statistics.
+"""FVD as a streaming torchmetrics Metric, FID/KID on frames (registered as `fvd`, `fid`, `kid`), and the cache of
+real statistics.
 
 FVD streams, per distribution, the float64 sums Σf and Σf·fᵀ and the count n of the features f of every clip:
 constant memory, and sums reduce across processes by addition (DDP). At the end
@@ -26,8 +27,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from sorabench.files import atomic_save
 from sorabench.metrics.frechet import frechet_distance
+from sorabench.metrics.registry import EvalSetup, register
 
 
+@register("fvd")
 class FrechetVideoDistance(Metric):
     """Fréchet video distance with a pluggable clip feature network.
 
@@ -43,6 +46,22 @@ class FrechetVideoDistance(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    needs_real = True  # False once the real statistics came from the cache
+
+    @classmethod
+    def from_setup(cls, setup: EvalSetup) -> FrechetVideoDistance | None:
+        """With the real statistics of this protocol from `metrics.stats_cache_dir` when an earlier evaluation left
+        them there (then no real clip is read); else they are computed and written there by `compute`."""
+        if setup.video_net is None:
+            return None  # images (num_frames: 1): FID/KID only
+        metric = cls(setup.video_net)
+        cache_dir = setup.config.get("stats_cache_dir")
+        cached = load_real_statistics(cache_dir, setup.fields) if cache_dir else None
+        if cached is not None:
+            metric.set_real_statistics(**cached)
+        metric.needs_real = cached is None
+        metric.save_real_to = (cache_dir, dict(setup.fields)) if cached is None and cache_dir else None
+        return metric
 
     def __init__(self, feature: nn.Module, reset_real_features: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -83,6 +102,9 @@ class FrechetVideoDistance(Metric):
         return mean, cov
 
     def compute(self) -> torch.Tensor:
+        if getattr(self, "save_real_to", None):
+            save_real_statistics(*self.save_real_to, self.real_statistics())
+            self.save_real_to, self.needs_real = None, False
         mu_real, sigma_real = self._mean_cov("real")
         mu_fake, sigma_fake = self._mean_cov("fake")
         return torch.tensor(frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake), dtype=torch.float64)
@@ -112,7 +134,7 @@ class FrechetVideoDistance(Metric):
 
 
 def clips_to_frames(videos: torch.Tensor) -> torch.Tensor:
-    """Clips (B, C, T, H, W) in [-1, 1] -> frames (B·T, C, H, W) in [0, 1], the input of `frame_fid`/`frame_kid`."""
+    """Clips (B, C, T, H, W) in [-1, 1] -> frames (B·T, C, H, W) in [0, 1], what torchmetrics' FID/KID take."""
     return ((videos.clamp(-1.0, 1.0) + 1.0) / 2.0).transpose(1, 2).flatten(0, 1)
 
 
@@ -134,9 +156,19 @@ class FrameFeatures(nn.Module):
         return self.net((frames * 2.0 - 1.0).unsqueeze(2))
 
 
-def frame_fid(net: nn.Module, reset_real_features: bool = False) -> FrechetInceptionDistance:
-    """torchmetrics' FID over frames with a per-frame feature network; update with `clips_to_frames(videos)`."""
-    return FrechetInceptionDistance(feature=FrameFeatures(net), normalize=True, reset_real_features=reset_real_features)
+@register("fid")
+class FrameFID(FrechetInceptionDistance):
+    """torchmetrics' FID over the frames of clips, with a per-frame feature network: update with clips."""
+
+    def __init__(self, net: nn.Module, reset_real_features: bool = False, **kwargs):
+        super().__init__(feature=FrameFeatures(net), normalize=True, reset_real_features=reset_real_features, **kwargs)
+
+    @classmethod
+    def from_setup(cls, setup: EvalSetup) -> FrameFID | None:
+        return cls(setup.frame_net) if setup.frame_net is not None else None
+
+    def update(self, videos: torch.Tensor, real: bool) -> None:
+        super().update(clips_to_frames(videos), real=real)
 
 
 def kid_subset_size(n_real: int, n_fake: int, default: int = 1000) -> int:
@@ -147,22 +179,35 @@ def kid_subset_size(n_real: int, n_fake: int, default: int = 1000) -> int:
     return size
 
 
-def frame_kid(
-    net: nn.Module,
-    n_real_frames: int,
-    n_fake_frames: int,
-    subsets: int = 100,
-    max_subset_size: int = 1000,
-    reset_real_features: bool = False,
-) -> KernelInceptionDistance:
-    """torchmetrics' KID over frames; the counts are frames (clips × frames per clip), which cap the subset size."""
-    return KernelInceptionDistance(
-        feature=FrameFeatures(net),
-        subsets=subsets,
-        subset_size=kid_subset_size(n_real_frames, n_fake_frames, max_subset_size),
-        normalize=True,
-        reset_real_features=reset_real_features,
-    )
+@register("kid")
+class FrameKID(KernelInceptionDistance):
+    """torchmetrics' KID over the frames of clips (update with clips); the counts are frames (clips x frames per
+    clip), which cap the subset size. `compute()` -> {kid, kid_std}."""
+
+    def __init__(self, net: nn.Module, n_real_frames: int, n_fake_frames: int, subsets: int = 100,
+                 max_subset_size: int = 1000, reset_real_features: bool = False, **kwargs):
+        super().__init__(feature=FrameFeatures(net), subsets=subsets,
+                         subset_size=kid_subset_size(n_real_frames, n_fake_frames, max_subset_size),
+                         normalize=True, reset_real_features=reset_real_features, **kwargs)
+
+    @classmethod
+    def from_setup(cls, setup: EvalSetup) -> FrameKID | None:
+        if setup.frame_net is None:
+            return None
+        m, t = setup.config, int(setup.config["num_frames"])
+        return cls(setup.frame_net, int(m["n_real"]) * t, int(m["n_samples"]) * t, subsets=int(m["kid_subsets"]),
+                   max_subset_size=int(m.get("kid_subset_size", 1000)))
+
+    def update(self, videos: torch.Tensor, real: bool) -> None:
+        super().update(clips_to_frames(videos), real=real)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        mean, std = super().compute()
+        return {"kid": mean, "kid_std": std}
+
+    @staticmethod
+    def ranked_keys(keys: list[str]) -> list[str]:
+        return ["kid"]  # its standard deviation over subsets is a spread, not a score
 
 
 # The fields that define an FVD/FID protocol; `protocol_key` takes exactly these.
