@@ -37,8 +37,6 @@ from sorabench.tracking import check_tracking_uri
 
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
-# Display order of the attributes the runs logged: all attributes first, then shapes' own order, then the rest by name.
-ATTRS = ("all", "colour", "shape", "size", "direction", "speed")
 KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
 TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
@@ -247,18 +245,29 @@ def holm_across(tests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return {m: joined[joined._metric == m].drop(columns="_metric").reset_index(drop=True) for m in tests}
 
 
-def composition_attributes(columns) -> list[str]:
+def attribute_order(found, runs: pd.DataFrame | None = None) -> list[str]:
+    """Display order of attributes: `all` first, then the dataset's own order (the label schema its evaluation
+    logged as the tag `eval.attributes`), then any other by name."""
+    schema = []
+    if runs is not None and "tags.eval.attributes" in runs:
+        tags = runs["tags.eval.attributes"].dropna()
+        schema = str(tags.iloc[-1]).split(",") if len(tags) else []
+    ordered = ["all", *schema]
+    found = set(found)
+    return [a for a in ordered if a in found] + sorted(found - set(ordered))
+
+
+def composition_attributes(runs: pd.DataFrame) -> list[str]:
     """Attributes with both `eval/acc_<attr>_seen` and `eval/acc_<attr>_unseen`, `all` first."""
-    cols = set(columns)
-    found = [m.group(1) for c in cols if (m := re.fullmatch(r"eval/acc_(.+)_seen", c))]
-    found = [a for a in found if f"eval/acc_{a}_unseen" in cols]
-    return [a for a in ATTRS if a in found] + sorted(a for a in found if a not in ATTRS)
+    cols = set(runs.columns)
+    found = [m.group(1) for c in cols if (m := re.fullmatch(r"eval/acc_(.+)_seen", str(c)))]
+    return attribute_order([a for a in found if f"eval/acc_{a}_unseen" in cols], runs)
 
 
 def composition(runs: pd.DataFrame, by: str = "strategy", order=None) -> pd.DataFrame:
     """Seen vs unseen compositions per strategy and attribute: mean ± 95% CI of each, their paired per-run gap
     (seen − unseen), and the chance level (`eval/chance_<attr>`, NaN when not logged)."""
-    attrs = composition_attributes(runs.columns)
+    attrs = composition_attributes(runs)
     rows = []
     groups = dict(tuple(runs.groupby(by, sort=True)))
     for name in [s for s in (order if order is not None else sorted(groups)) if s in groups]:
@@ -297,7 +306,7 @@ def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
     the evaluator, the VAE and the clips, so the runs agree unless those differ: `spread` is max − min)."""
     found = {m.group(1) for c in runs.columns if (m := re.fullmatch(r"eval/(?:real|ceiling|noise)_acc_(.+)", str(c)))}
     rows = []
-    for attr in [a for a in ATTRS if a in found] + sorted(found - set(ATTRS)):
+    for attr in attribute_order(found, runs):
         row = {"attribute": attr}
         for src in REFERENCE_SOURCES:
             values = _finite(runs[f"eval/{src}_acc_{attr}"]) if f"eval/{src}_acc_{attr}" in runs else np.array([])

@@ -87,6 +87,12 @@ def test_per_scale_metrics_are_logged_beside_the_unchanged_default(tmp_path):
     assert run.data.metrics["eval_val/cfg1/acc_all"] == pytest.approx(m["eval_val/cfg1/acc_all"])
     assert run.data.tags["eval.protocol.guidance_scales"] == "1,2,4"
     assert run.data.tags["eval.protocol.guidance_select_split"] == "val"
+    # every ranked key carries its metric's own direction; the label schema its order (the report reads both)
+    tags = run.data.tags
+    assert tags["eval.higher_is_better.fvd"] == tags["eval.higher_is_better.kid"] == "False"
+    assert tags["eval.higher_is_better.acc_all"] == tags["eval.higher_is_better.acc_shape_unseen"] == "True"
+    assert "eval.higher_is_better.kid_std" not in tags and "eval.higher_is_better.chance_all" not in tags
+    assert tags["eval.attributes"] == "colour,shape,size,direction,speed"
 
 
 def test_no_axis_by_default_and_oracle_without_a_selection_split(tmp_path):

@@ -117,6 +117,15 @@ def test_composition_gap_is_paired_and_states_chance():
     assert math.isnan(c.iloc[1].chance)
 
 
+def test_attributes_follow_the_logged_label_schema():
+    from sorabench.report import attribute_order
+
+    found = ["speed", "all", "colour", "texture"]
+    assert attribute_order(found) == ["all", "colour", "speed", "texture"]  # no schema logged: by name
+    runs = pd.DataFrame({"tags.eval.attributes": ["speed,colour", None]})
+    assert attribute_order(found, runs) == ["all", "speed", "colour", "texture"]  # the dataset's own order first
+
+
 def test_aggregate_history_mean_band_and_resumed_duplicates():
     h = pd.DataFrame(
         {

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import json
-import math
+import re
 import time
 from pathlib import Path
 
@@ -350,6 +350,8 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
                          "eval.protocol.sample_steps": str(m.sample_steps),
                          "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                          "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
+        # the label schema, in the dataset's order: the report's attribute tables follow it
+        protocol["eval.attributes"] = ",".join(attribute_schema(data_cfg))
         # what the report ranks each metric by (torchmetrics' own flag), so it never guesses from a name
         protocol.update({f"eval.higher_is_better.{key}": str(up) for key, up in ranked.items()})
         if scales:
@@ -379,10 +381,12 @@ class EvaluateCallback(L.Callback):
             return  # the final evaluation after training scores these same (EMA) weights: not twice
         self.last = step
         metrics = evaluate_module(pl_module.pipeline(self.vae), self.cfg, trainer.logger, step=step)
-        console.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in HEADLINE))
+        console.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if headline(k)))
 
 
-HEADLINE = ("eval/fvd", "eval/fid", "eval/acc_all", "eval/acc_colour", "eval/acc_shape", "eval/acc_direction")
+def headline(key: str) -> bool:
+    """What a periodic evaluation prints: FVD, FID and the accuracy of every attribute (all scored clips)."""
+    return key in ("eval/fvd", "eval/fid") or bool(re.fullmatch(r"eval/acc_[a-z]+", key))
 
 
 def print_metrics(metrics: dict[str, float], title: str):
