@@ -52,8 +52,9 @@ class TextToVideo:
 
     @torch.no_grad()
     def sample_videos(self, captions: list[str], steps: int, guidance_scale: float, seed: int, batch_size: int = 64):
-        """Videos (B, 3, T, H, W) in [-1, 1], decoded by the VAE, sampled `batch_size` captions at a time (batch i
-        with seed + i, so sampling in pieces draws the same clips as one call)."""
+        """Videos (B, 3, T, H, W) in [-1, 1], decoded by the VAE, sampled `batch_size` captions at a time; the batch
+        starting at caption i draws its noise from seed + i, so calling this piece by piece at the same batch
+        boundaries (captions[i : i + batch_size] with seed + i) draws the same clips as one call."""
         if self.vae is None:
             raise RuntimeError("this pipeline has no VAE to decode samples (TextToVideo.vae)")
         self.vae.to(self.device).eval()

@@ -140,3 +140,46 @@ def test_periodic_evaluation_sees_the_ema_weights(tiny_overrides, monkeypatch):
     for key in final:
         torch.testing.assert_close(seen[6][key], final[key])
     assert any(not torch.allclose(seen[6][k], raw[k]) for k in raw)
+
+
+@pytest.mark.parametrize("text_encoder", ["minilm", "learned"])
+def test_the_lightning_module_holds_only_what_trains(tiny_overrides, text_encoder):
+    # The frozen text encoder and the VAE stay out of the DiTModule (its state_dict, EMA copy and optimiser); a
+    # pipeline composes them for sampling. A learned text encoder trains, so it is the module's own.
+    from sorabench.latents import LatentDataModule
+    from sorabench.pipeline import TextToVideo
+    from sorabench.training.commands import build_dit_module
+
+    cfg = compose_config("train", [*tiny_overrides, f"text_encoder={text_encoder}"], command="train")
+    captions = ["a red circle moving left slowly", "a big blue square moving up quickly"]
+    vocab = None
+    if text_encoder == "learned":
+        from sorabench.models.text import LearnedTextEncoder
+
+        vocab = LearnedTextEncoder.from_captions(captions).vocab
+    module = build_dit_module(cfg, (4, 8, 8, 8), vocab, "none")
+    keys = module.state_dict().keys()
+    assert not any(k.startswith(("vae.", "transformer.")) or ".transformer." in k for k in keys)
+    assert any(k.startswith("learned_text.") for k in keys) == (text_encoder == "learned")
+    assert not any(isinstance(m, torch.nn.Module) and type(m).__name__ == "MiniLMTextEncoder" for m in module.modules())
+
+    # A training batch carries the frozen encoder's embeddings (looked up, not computed by the module).
+    n = len(captions)
+    cache = {"mean": torch.zeros(n, 4, 8, 8, 8), "logvar": torch.zeros(n, 4, 8, 8, 8), "scale_factor": 1.0,
+             "captions": captions, "labels": torch.zeros(n, 5, dtype=torch.long), "unseen": torch.zeros(n, dtype=bool)}
+    frozen = None if module.learned_text is not None else module.text_encoder()
+    batch = next(iter(LatentDataModule(cache, cache, n, text_encoder=frozen).val_dataloader()))
+    assert ("text" in batch) == (text_encoder == "minilm")
+    assert module.batch_text(batch).tokens.shape[0] == n
+
+    class Decoder(torch.nn.Module):  # stands in for a VAEModule: latents -> clips
+        def decode_latents(self, z):
+            return z[:, :3]
+
+    pipeline = module.pipeline(Decoder())
+    assert isinstance(pipeline, TextToVideo) and pipeline.model is module.model
+    module.train()
+    videos = pipeline.sample_videos(captions, steps=2, guidance_scale=2.0, seed=0, batch_size=1)
+    assert videos.shape == (n, 3, 8, 8, 8) and module.training  # sampling restores the training mode
+    pieces = [pipeline.sample_videos(captions[i : i + 1], steps=2, guidance_scale=2.0, seed=i) for i in range(n)]
+    torch.testing.assert_close(videos, torch.cat(pieces))  # piece by piece at the same batch boundaries
