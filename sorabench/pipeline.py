@@ -40,15 +40,19 @@ class TextToVideo:
         if guidance_scale < 0:
             raise ValueError(f"guidance scale {guidance_scale} must be >= 0")
         g = torch.Generator(device=self.device).manual_seed(seed)
-        text = self.encode_text(captions)
-        null = self.model.null_text(len(captions))
-        shape = (len(captions), *self.model.latent_shape)
-        was_training = self.model.training
-        self.model.eval()
+        # Sampling is inference: eval mode for the DiT and a trained text encoder (torch's TransformerEncoder takes
+        # its fused path there), whatever mode training left them in, and back afterwards.
+        modes = [(m, m.training) for m in (self.model, self.text_encoder) if isinstance(m, torch.nn.Module)]
+        for m, _ in modes:
+            m.eval()
         try:
+            text = self.encode_text(captions)
+            null = self.model.null_text(len(captions))
+            shape = (len(captions), *self.model.latent_shape)
             return self.diffusion.sample(self.model, shape, text, null, steps, guidance_scale, g)
         finally:
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.train(mode)
 
     @torch.no_grad()
     def sample_videos(self, captions: list[str], steps: int, guidance_scale: float, seed: int, batch_size: int = 64):
