@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Inside the package, so an installed wheel finds its configs (in a checkout, sorabench/conf links to conf/).
@@ -32,7 +33,15 @@ def compose_config(config_name: str, overrides: list[str], command: str | None =
         raise ConfigError(f"no config {config_name}.yaml in {CONF_DIR}")
     head = [f"command={command or config_name}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
+        try:
+            cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
+        except MissingConfigException as e:
+            # A dataset with no conf/metrics/default_for_<data>.yaml (a new one: one module + one YAML) is scored by
+            # the embedded evaluator trained on its own labels; an unlabelled one is then told to use metrics=i3d.
+            if "metrics/default_for_" not in str(e) or group_choices(overrides, {"metrics"}):
+                raise
+            overrides = [*overrides, "metrics=evaluator"]
+            cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
         choices = set(cfg.hydra.runtime.choices)  # the config groups this config really selects from
         with open_dict(cfg):
             del cfg["hydra"]

@@ -212,9 +212,11 @@ def test_a_dataset_registered_outside_the_package(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "toy.yaml").write_text("name: toy\nnum_frames: 4\nheight: 16\nwidth: 16\nsize: 6\n"
                                                  "batch_size: 4\nnum_workers: 0\n")
-    # metrics=<name>: train.yaml's default is `metrics/default_for_<data>`, which a new dataset does not have
-    overrides = [f"hydra.searchpath=[file://{tmp_path}]", "data=toy", "metrics=evaluator", "data.batch_size=4"]
+    # no conf/metrics/default_for_toy.yaml: a new labelled dataset is scored by the evaluator trained on its labels
+    overrides = [f"hydra.searchpath=[file://{tmp_path}]", "data=toy", "data.batch_size=4"]
     cfg = compose_config("train", overrides)
+    assert cfg.metrics.features == "evaluator"
+    assert compose_config("train", [*overrides, "metrics=i3d"]).metrics.features == "i3d"  # a choice is kept
     data = dict(cfg.data)
     assert isinstance(build_dataset(data, "val"), ToyDataset) and len(build_dataset(data, "val")) == 6
     assert "content" not in clip_fields(data)  # the config defines its clips
