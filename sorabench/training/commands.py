@@ -230,12 +230,13 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         from sorabench.models.text import LearnedTextEncoder
 
         vocab = LearnedTextEncoder.from_captions(train_cache["captions"]).vocab
+    frozen_text = None
+    if is_frozen(cfg.text_encoder.name):  # every caption embedded once, kept on disk beside the latents
+        text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
+        frozen_text = frozen_text_encoder(cfg.text_encoder.name, **text_cfg)
+        frozen_text.precompute([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
-    frozen_text = None
-    if module.learned_text is None:  # every caption embedded once, kept on disk beside the latents
-        frozen_text = module.text_encoder()
-        frozen_text.precompute([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
     if cfg.budget == "flops":  # equal training FLOPs: max_steps scaled by forward GFLOPs at real caption lengths
         with open_dict(cfg):
             cfg.trainer.max_steps = flops_budget_steps(module, train_cache["captions"], cfg.budget_reference,
