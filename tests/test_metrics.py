@@ -417,7 +417,7 @@ def test_metrics_configs_build_their_feature_networks(tmp_path):
     clip_net, frame_net = build_feature_networks(ts_cfg)
     assert clip_net.num_features == 8 and frame_net.num_features == 6
     assert clip_net(moving_squares(1, frames=16, size=16)).shape == (1, 8)
-    with pytest.raises(ValueError, match="must be one of 'evaluator', 'torchscript', 'i3d'"):
+    with pytest.raises(ValueError, match=r"unknown metrics.features 'inception'; registered: \['evaluator', 'i3d', 'torchscript'\]"):
         build_feature_networks({"features": "inception"})
 
 

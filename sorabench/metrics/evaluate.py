@@ -138,7 +138,8 @@ def real_batches(dataset, m: DictConfig, count: int, seed: int):
 
 def metric_names(m: DictConfig) -> list[str]:
     """What an evaluation computes: `metrics.compute` (the built-ins) and `metrics.extra` (any registered metric)."""
-    return [*(m.get("compute") or DEFAULT_METRICS), *(m.get("extra") or [])]
+    compute = m.get("compute")
+    return [*(DEFAULT_METRICS if compute is None else compute), *(m.get("extra") or [])]
 
 
 DEFAULT_METRICS = ("fvd", "fid", "kid", "alignment")  # a metrics config from before `metrics.compute` existed
@@ -176,7 +177,7 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
         scores = ({f"eval/{k}": float(v) for k, v in value.items()} if isinstance(value, dict) else
                   {f"eval/{name}": float(value)})
         out.update(scores)
-        ranked.update(directions(name, metric, scores))
+        ranked.update(directions(metric, scores))
     return out, ranked
 
 

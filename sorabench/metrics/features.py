@@ -294,8 +294,6 @@ def build_feature_networks(
     FID/KID from `cfg.fid` (a TorchScript block, or null).
     """
     kind = cfg["features"]
-    if kind not in FEATURES:
-        raise ValueError(f"metrics.features={kind!r} must be one of {', '.join(repr(k) for k in FEATURES)}")
     videos = int(cfg.get("num_frames", 2)) > 1  # one frame per clip: images, FID/KID only
     video_net, frame_net = lookup(FEATURES, "metrics.features", kind).pair(cfg, evaluator, videos)
     if (video_net is not None and video_net.per_frame) or (frame_net is not None and not frame_net.per_frame):

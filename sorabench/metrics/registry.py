@@ -68,7 +68,7 @@ def build_metric(name: str, setup: EvalSetup) -> Metric | None:
     return metric
 
 
-def directions(name: str, metric, scores: Mapping[str, float]) -> dict[str, bool]:
+def directions(metric, scores: Mapping[str, float]) -> dict[str, bool]:
     """{logged key without `eval/`: higher is better} for the keys a metric ranks by (`ranked_keys(keys)` on the
     metric narrows a dict result to its headline keys, e.g. not KID's standard deviation)."""
     keys = [k.removeprefix("eval/") for k in scores]

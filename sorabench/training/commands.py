@@ -232,8 +232,7 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
         vocab = LearnedTextEncoder.from_captions(train_cache["captions"]).vocab
     frozen_text = None
     if is_frozen(cfg.text_encoder.name):  # every caption embedded once, kept on disk beside the latents
-        text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
-        frozen_text = frozen_text_encoder(cfg.text_encoder.name, **text_cfg)
+        frozen_text = frozen_text_encoder(**to_container(cfg.text_encoder))
         frozen_text.precompute([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
@@ -284,8 +283,7 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
         for split in ("train", "val"):
             captions += load_or_encode(vae, vae_ckpt, data, split, cfg.cache_dir)["captions"]
         if is_frozen(cfg.text_encoder.name):
-            text_cfg = {k: v for k, v in to_container(cfg.text_encoder).items() if k != "name"}
-            frozen_text_encoder(cfg.text_encoder.name, **text_cfg).precompute(captions, cache_dir=cfg.cache_dir)
+            frozen_text_encoder(**to_container(cfg.text_encoder)).precompute(captions, cache_dir=cfg.cache_dir)
     evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
     if evaluating and (cfg.metrics.features == "evaluator" or attribute_schema(to_container(cfg.data))):
         ensure_evaluator(cfg)

@@ -78,17 +78,16 @@ class DiTModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs its whole resolved config itself
-        text_cfg = {k: v for k, v in text_encoder.items() if k != "name"}
         # A trained text encoder is a submodule (it is in the state_dict, the EMA and the optimiser); a frozen one
         # is not part of the module at all: its embeddings come with the batch.
         self.learned_text = (None if is_frozen(text_encoder["name"]) else
-                             build_text_encoder(text_encoder["name"], vocab=vocab or [], **text_cfg))
+                             build_text_encoder(vocab=vocab or [], **text_encoder))
         self.diffusion = build_diffusion(**diffusion)
         cond_kwargs = {k: v for k, v in conditioning.items() if k != "name"}
         self.model = DiT(
             latent_shape,
             conditioning=conditioning["name"],
-            text_dim=text_dim(text_encoder["name"], **text_cfg),
+            text_dim=text_dim(**text_encoder),
             max_text_len=text_encoder.get("max_length", 32),
             timestep_scale=self.diffusion.timestep_scale,
             **dit,
@@ -101,8 +100,7 @@ class DiTModule(L.LightningModule):
         one (`sorabench.models.text.frozen_text_encoder`)."""
         if self.learned_text is not None:
             return self.learned_text
-        cfg = {k: v for k, v in self.hparams.text_encoder.items() if k != "name"}
-        return frozen_text_encoder(self.hparams.text_encoder["name"], **cfg)
+        return frozen_text_encoder(**self.hparams.text_encoder)
 
     def pipeline(self, vae=None) -> TextToVideo:
         """Captions -> videos with this module's DiT (the weights it holds when sampling: EMA at validation) and
