@@ -68,6 +68,18 @@ def initial_noise(
     return torch.randn(shape, generator=generator, device=device)
 
 
+def video_mse(pred: Tensor, target: Tensor, motion_weight: float = 0.0) -> Tensor:
+    """MSE, plus motion_weight x the MSE of the frame-to-frame differences (axis 2 of (B, C, T, H, W)).
+
+    Why: in a clip of a small moving object nearly every latent value is static content, so plain MSE spends
+    almost all of its gradient on appearance; the difference term weights the temporal high frequencies - where
+    the motion is - by 1 + motion_weight x |1 - e^{iw}|^2 instead of 1. motion_weight = 0 is plain MSE."""
+    loss = F.mse_loss(pred, target)
+    if motion_weight and pred.dim() == 5 and pred.shape[2] > 1:
+        loss = loss + motion_weight * F.mse_loss(pred.diff(dim=2), target.diff(dim=2))
+    return loss
+
+
 def expand_as(t: Tensor, x: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1) to broadcast against x."""
     return t.view(-1, *[1] * (x.dim() - 1))
@@ -91,11 +103,13 @@ class RectifiedFlow:
         logit_normal_std: float = 1.0,
         sample_steps: int = 25,
         shift: float = 1.0,
+        motion_weight: float = 0.0,
     ):
         if logit_normal_std <= 0 or sample_steps < 1 or shift <= 0:
             raise ValueError("need logit_normal_std > 0, sample_steps >= 1 and shift > 0")
         self.mean, self.std = logit_normal_mean, logit_normal_std
         self.sample_steps, self.shift = sample_steps, shift
+        self.motion_weight = motion_weight
 
     def training_loss(
         self, model_fn: ModelFn, x0: Tensor, cond: Any, generator: torch.Generator | None = None
@@ -104,7 +118,7 @@ class RectifiedFlow:
         t = torch.sigmoid(self.mean + self.std * torch.randn(B, generator=generator, device=x0.device))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = (1 - expand_as(t, x0)) * x0 + expand_as(t, x0) * noise
-        return F.mse_loss(model_fn(x_t, t, cond), noise - x0)
+        return video_mse(model_fn(x_t, t, cond), noise - x0, self.motion_weight)
 
     def timesteps(self, steps: int) -> list[float]:
         t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)

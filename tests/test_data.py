@@ -57,6 +57,38 @@ def test_every_template_caption_parses_back_to_its_labels(template, monkeypatch)
         assert parse_caption(caption) == [dict(zip(ATTRIBUTE_NAMES, labels[0].tolist()))], caption
 
 
+def _first_frame_centres(videos):
+    """The object's centroid in frame 0 of each clip (black background), (n, 2) as (x, y) pixels."""
+    w = videos[:, :, 0].float().amax(1)  # (n, H, W)
+    ys, xs = torch.meshgrid(torch.arange(w.shape[1]) + 0.5, torch.arange(w.shape[2]) + 0.5, indexing="ij")
+    return torch.stack([(w * xs).sum((1, 2)), (w * ys).sum((1, 2))], -1) / w.sum((1, 2))[:, None]
+
+
+def test_position_range_narrows_where_objects_start():
+    sizes = {"train": 512}
+    spread = {}
+    for r in (1.0, 0.25, 0.0):
+        s = make_split(ShapesConfig(split_sizes=sizes, position_range=r), "train")
+        centre = _first_frame_centres(s.videos)
+        # clips of one (size, direction, speed) differ only in where they start (and the shape, +-1 px)
+        same = (s.labels[:, 0, 2] == 1) & (s.labels[:, 0, 3] == 0) & (s.labels[:, 0, 4] == 0)  # large, left, slow
+        spread[r] = (centre[same].amax(0) - centre[same].amin(0)).tolist()  # (x, y) extent in pixels
+    assert spread[1.0][1] > 15  # uniform over the frame across the motion (32 px - 2 x radius 6 = 20 px)
+    assert 3 < spread[0.25][1] < 0.25 * 20 + 2  # a quarter of it, centred
+    assert spread[0.0][0] < 2 and spread[0.0][1] < 2  # one start per (size, direction, speed)
+    with pytest.raises(ConfigError, match="data.position_range=1.5"):
+        ShapesConfig(position_range=1.5)
+
+
+def test_canonical_captions_change_the_words_not_the_clips():
+    varied, canonical = make_split(small_cfg(), "train"), make_split(small_cfg(synonyms=False), "train")
+    assert torch.equal(varied.videos, canonical.videos) and torch.equal(varied.labels, canonical.labels)
+    assert varied.captions != canonical.captions
+    words = {w for c in canonical.captions for w in c.split()}
+    assert not words & {"disk", "ball", "box", "block", "little", "tiny", "big", "rising", "falling"}
+    assert [parse_caption(c) for c in canonical.captions] == [parse_caption(c) for c in varied.captions]
+
+
 def test_two_object_captions_are_joined_with_and():
     s = make_split(small_cfg(num_objects=2), "train")
     assert all(" and " in c for c in s.captions)

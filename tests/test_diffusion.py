@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sorabench.diffusion import DDPM, RectifiedFlow, build_diffusion, guided_prediction
+from sorabench.diffusion import DDPM, RectifiedFlow, build_diffusion, guided_prediction, video_mse
 from sorabench.models.dit import DiT
 from sorabench.models.text import TextEmbedding
 
@@ -177,3 +177,20 @@ def test_configs_build(path):
 def test_unknown_diffusion():
     with pytest.raises(ValueError, match="flow"):
         build_diffusion("edm")
+
+
+def test_motion_weight_adds_the_error_of_frame_differences_only():
+    target = torch.randn(2, 4, 8, 4, 4)
+    static_error = target + torch.randn(2, 4, 1, 4, 4)  # the same error in every frame: no motion error
+    moving_error = target + torch.randn(2, 4, 8, 4, 4)
+    assert video_mse(static_error, target, 0.0) == F.mse_loss(static_error, target)
+    assert torch.allclose(video_mse(static_error, target, 3.0), F.mse_loss(static_error, target))
+    expected = F.mse_loss(moving_error, target) + 3.0 * F.mse_loss(moving_error.diff(dim=2), target.diff(dim=2))
+    assert torch.allclose(video_mse(moving_error, target, 3.0), expected)
+    # images (one frame) and the flow objective: the weight reaches the loss
+    assert torch.allclose(video_mse(moving_error[:, :, :1], target[:, :, :1], 3.0),
+                          F.mse_loss(moving_error[:, :, :1], target[:, :, :1]))
+    x0, model = torch.randn(4, 4, 8, 4, 4), lambda x, t, c: torch.zeros_like(x)
+    plain = RectifiedFlow().training_loss(model, x0, None, torch.Generator().manual_seed(0))
+    weighted = RectifiedFlow(motion_weight=1.0).training_loss(model, x0, None, torch.Generator().manual_seed(0))
+    assert weighted > plain * 1.5  # noise - x0 changes from frame to frame: the difference term adds ~2x

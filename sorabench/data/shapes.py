@@ -1,6 +1,9 @@
 """`shapes`: the built-in captioned video dataset (a text-to-video analogue of Sync-DRAW's captioned Moving-MNIST).
 
-Each clip shows one (optionally two) anti-aliased shapes moving with sub-pixel precision and bouncing off the walls.
+Each clip shows one (optionally two) anti-aliased shapes moving with sub-pixel precision, starting where the path fits
+the frame (a path longer than the frame bounces off the walls). `position_range` sets how much the start varies: the
+default (0.25) keeps every path near the centre of the range where it fits, so a caption nearly fixes its clip's
+trajectory; 1.0 spreads starts over the whole frame (experiments/conditioning_ablation/README.md measures the trade).
 Every clip has attribute labels (colour, shape, size, direction, speed) and a caption drawn from several templates
 and synonyms, so a text encoder must read words, not ids.
 
@@ -91,6 +94,8 @@ class ShapesConfig:
     )
     radius: dict[str, float] = field(default_factory=lambda: dict(RADIUS))  # {small, large}: pixels at 32x32
     speed: dict[str, float] = field(default_factory=lambda: dict(SPEED))  # {slow, fast}: pixels/frame at 32x32
+    synonyms: bool = True  # captions draw each attribute's word from several synonyms (False: canonical words)
+    position_range: float = 0.25  # starts span this centred share of where the path fits (0: centred; 1: anywhere)
     seed: int = 0
 
     def __post_init__(self):
@@ -101,6 +106,8 @@ class ShapesConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
         if self.num_objects not in (1, 2):
             raise ConfigError(f"data.num_objects={self.num_objects} must be 1 or 2")
+        if not 0.0 <= self.position_range <= 1.0:
+            raise ConfigError(f"data.position_range={self.position_range} must be in [0, 1]")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         for key, names in (("radius", ATTRIBUTES["size"]), ("speed", ATTRIBUTES["speed"])):
@@ -150,15 +157,17 @@ def sample_labels(cfg: ShapesConfig, split: str, n: int, g: torch.Generator) -> 
     return labels, want_unseen
 
 
-def caption_for(labels: torch.Tensor, g: torch.Generator) -> str:
-    """A caption for one clip's labels (num_objects, 5), joining objects with 'and'."""
+def caption_for(labels: torch.Tensor, g: torch.Generator, synonyms: bool = True) -> str:
+    """A caption for one clip's labels (num_objects, 5), joining objects with 'and'. synonyms=False always takes
+    each value's canonical word (the same draws are made, so the clips do not change)."""
     parts = []
     for obj_labels in labels.tolist():
         template = TEMPLATES[int(torch.randint(len(TEMPLATES), (1,), generator=g))]
         words = {}
         for attr, idx in zip(ATTRIBUTE_NAMES, obj_labels):
             options = SYNONYMS[attr][ATTRIBUTES[attr][idx]]
-            words[attr] = options[int(torch.randint(len(options), (1,), generator=g))]
+            pick = int(torch.randint(len(options), (1,), generator=g))
+            words[attr] = options[pick if synonyms else 0]
         parts.append(template.format(**words))
     return " and ".join(parts)
 
@@ -200,8 +209,9 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
     """Render clips for labels (n, num_objects, 5): uint8 (n, 3, T, H, W), vectorised over everything.
 
     Each object's centre moves along a straight line at sub-pixel precision and bounces off the walls (a triangle
-    wave folds the unbounded path back into the frame) when the path is longer than the frame. Coverage comes from a signed distance field with a one-pixel
-    ramp, which anti-aliases the edges.
+    wave folds the unbounded path back into the frame) when the path is longer than the frame. Starts are drawn
+    from the centred `position_range` share of the range where the path fits (across the motion: the frame).
+    Coverage comes from a signed distance field with a one-pixel ramp, which anti-aliases the edges.
     """
     n, n_obj, _ = labels.shape
     T, H, W = cfg.num_frames, cfg.height, cfg.width
@@ -214,6 +224,8 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
     # Along the motion axis, start where the object can travel freely for the whole clip if the frame allows it
     # (so the caption's direction is what the clip shows); longer paths bounce off the far wall.
     u = torch.rand(n, n_obj, 2, generator=g)
+    if cfg.position_range != 1.0:  # (skipped at 1.0: keeps the default's clips bit-identical)
+        u = 0.5 + cfg.position_range * (u - 0.5)
     free = (hi - lo - velocity.abs() * (T - 1)).clamp(min=0)
     start = torch.where(velocity > 0, lo + u * free, torch.where(velocity < 0, hi - u * free, lo + u * (hi - lo)))
     t = torch.arange(T, dtype=torch.float32)
@@ -255,7 +267,7 @@ def split_captions(cfg: ShapesConfig, split: str) -> list[str]:
     """The captions of `make_split(cfg, split)` without rendering the videos (same generator, drawn first)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_IDS[split])
     labels, _ = sample_labels(cfg, split, cfg.split_sizes.get(split, 0), g)
-    return [caption_for(labels[i], g) for i in range(len(labels))]
+    return [caption_for(labels[i], g, cfg.synonyms) for i in range(len(labels))]
 
 
 def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
@@ -264,7 +276,7 @@ def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
     n = cfg.split_sizes.get(split, 0)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_IDS[split])
     labels, unseen = sample_labels(cfg, split, n, g)
-    captions = [caption_for(labels[i], g) for i in range(n)]
+    captions = [caption_for(labels[i], g, cfg.synonyms) for i in range(n)]
     # Render in chunks to bound the float intermediates (n_obj x T x H x W per clip).
     videos = [render(cfg, labels[i : i + chunk], g) for i in range(0, n, chunk)]
     videos = torch.cat(videos) if videos else torch.empty(0, 3, cfg.num_frames, cfg.height, cfg.width, dtype=torch.uint8)
