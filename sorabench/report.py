@@ -245,6 +245,11 @@ def holm_across(tests: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return {m: joined[joined._metric == m].drop(columns="_metric").reset_index(drop=True) for m in tests}
 
 
+def holm_family(tests: dict[str, pd.DataFrame]) -> int:
+    """How many tests `holm_across` adjusted together (those with a p-value)."""
+    return int(sum(t["welch_p"].notna().sum() for t in tests.values() if "welch_p" in t))
+
+
 def attribute_order(found, runs: pd.DataFrame | None = None) -> list[str]:
     """Display order of attributes: `all` first, then the dataset's own order (the label schema its evaluation
     logged as the tag `eval.attributes`), then any other by name."""
@@ -317,9 +322,11 @@ def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str = "strategy") -> pd.DataFrame:
+def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str = "strategy",
+                   family: int = 1) -> pd.DataFrame:
     """`power_analysis` of the best against the worst and against the runner-up strategy on each metric, ranked
-    by that metric's own means."""
+    by that metric's own means, at the level the report's decision uses: Holm over `family` tests, whose
+    strictest step is α / family (so the seed counts are what a separation in the report would need)."""
     rows = []
     for m in metrics:
         if f"{m}_mean" not in summary:
@@ -330,43 +337,47 @@ def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str =
         names = list(ranked.index)
         for other in dict.fromkeys(names[1:2] + names[-1:]):
             if other != names[0]:
-                rows.append(power_analysis(runs, m, names[0], other, by=by))
+                rows.append(power_analysis(runs, m, names[0], other, by=by, alpha=ALPHA / max(family, 1)))
     return pd.DataFrame(rows)
 
 
 def power_analysis(runs: pd.DataFrame, metric: str, a: str, b: str, by: str = "strategy",
                    power: float = 0.8, alpha: float = ALPHA, max_n: int = 1000) -> dict:
-    """The observed effect of a vs b on `metric` and the seeds per strategy a two-sided two-sample t-test needs
-    to detect it with `power` at `alpha`.
+    """The observed effect of a vs b on `metric` and the seeds per strategy the report's test - Welch's two-sided
+    t-test - needs to detect it with `power` at `alpha`.
 
-    effect = Cohen's d with the pooled sd; power of the test at n per group from the noncentral t distribution
-    (df = 2n - 2, noncentrality d * sqrt(n / 2)); `seeds_needed` is the smallest such n (NaN when d is 0 or not
-    finite, `max_n` + 1 when more than `max_n` would be needed).
+    effect = Cohen's d with the pooled sd (reported); the power uses each side's own sd, as Welch's test does: at n
+    per group, noncentrality |diff| / sqrt((s_a² + s_b²) / n) and the Welch-Satterthwaite df
+    (s_a² + s_b²)² (n - 1) / (s_a⁴ + s_b⁴), which is Student's 2n - 2 when the sds are equal and falls towards
+    n - 1 when one side's spread dominates (a strategy that learns on some seeds only). `seeds_needed` is the
+    smallest such n (NaN when d is 0 or not finite, `max_n` + 1 when more than `max_n` would be needed).
     """
     from scipy import stats
 
     x = _finite(runs.loc[runs[by] == a, metric]) if metric in runs else np.array([])
     y = _finite(runs.loc[runs[by] == b, metric]) if metric in runs else np.array([])
     out = {"metric": metric, "a": a, "b": b, "n_a": len(x), "n_b": len(y), "diff": math.nan,
-           "pooled_sd": math.nan, "cohens_d": math.nan, "power_at_n": math.nan, "seeds_needed": math.nan}
+           "pooled_sd": math.nan, "cohens_d": math.nan, "power_at_n": math.nan, "seeds_needed": math.nan,
+           "alpha": alpha}
     if len(x) < 2 or len(y) < 2:
         return out
-    pooled = math.sqrt(((len(x) - 1) * x.var(ddof=1) + (len(y) - 1) * y.var(ddof=1)) / (len(x) + len(y) - 2))
+    va, vb = x.var(ddof=1), y.var(ddof=1)
+    pooled = math.sqrt(((len(x) - 1) * va + (len(y) - 1) * vb) / (len(x) + len(y) - 2))
     out.update(diff=float(x.mean() - y.mean()), pooled_sd=pooled)
     if pooled == 0 or not math.isfinite(pooled):
         return out
-    d = abs(out["diff"]) / pooled
-    out["cohens_d"] = d
+    out["cohens_d"] = abs(out["diff"]) / pooled
 
     def power_at(n: int) -> float:
-        df, ncp = 2 * n - 2, d * math.sqrt(n / 2)
+        ncp = abs(out["diff"]) / math.sqrt((va + vb) / n)
+        df = (va + vb) ** 2 * (n - 1) / (va**2 + vb**2)
         crit = stats.t.ppf(1 - alpha / 2, df)
         # The lower tail is negligible for a real effect; scipy returns NaN for it at large noncentrality.
         lower = stats.nct.cdf(-crit, df, ncp)
         return float(stats.nct.sf(crit, df, ncp) + (lower if math.isfinite(lower) else 0.0))
 
     out["power_at_n"] = power_at(min(len(x), len(y)))
-    if d > 0:
+    if out["cohens_d"] > 0:
         out["seeds_needed"] = next((n for n in range(2, max_n + 1) if power_at(n) >= power), max_n + 1)
     return out
 
@@ -892,10 +903,13 @@ def render_markdown(
     if power is None or power.empty:
         md += ["Fewer than two strategies with two or more runs: no power analysis.", ""]
     else:
+        level = power.alpha.iloc[0] if "alpha" in power else ALPHA
         md.append("Observed effect of the best strategy against the runner-up and the worst (Cohen's d, pooled sd) "
-                  "and the seeds per strategy a two-sided two-sample t-test needs to detect that effect with 80% "
-                  f"power at α = {ALPHA:g} (noncentral t); 'power now' is the power at the seeds this study has. "
-                  "The observed d of a small study is itself noisy: read the seed count as an order of magnitude.")
+                  "and the seeds per strategy the report's own decision needs to separate them with 80% power: "
+                  f"Welch's two-sided t-test (each strategy's own spread) at α = {level:.3g}: {ALPHA:g} divided by "
+                  f"the {holm_family(tests)} tests of the pairwise section, the strictest step of their Holm "
+                  "adjustment (noncentral t). 'power now' is that power at the seeds this study has. The observed effect and "
+                  "spreads of a small study are themselves noisy: read the seed count as an order of magnitude.")
         md.append("")
         def holm_p(r) -> float:
             t = tests.get(r.metric)
@@ -1061,7 +1075,8 @@ def main(cfg: DictConfig) -> int:
     md = render_markdown(
         title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
-        refs=reference_points(complete), power=headline_power(complete, summary, tested), guidance=guidance_md,
+        refs=reference_points(complete), power=headline_power(complete, summary, tested, family=holm_family(tests)),
+        guidance=guidance_md,
         pareto=pareto_md, row=row,
     )
 

@@ -165,6 +165,31 @@ def test_power_analysis_matches_the_textbook_and_simulation():
     assert huge["cohens_d"] > 9 and huge["power_at_n"] > 0.99 and huge["seeds_needed"] == 2
 
 
+def test_power_is_that_of_the_reports_own_decision_welch_at_holms_level():
+    from scipy import stats
+
+    from sorabench.report import headline_power, power_analysis, rank_strategies, summarise
+
+    # a learns on every seed (tight), b on one seed of three (wide): Student's pooled test would overstate power
+    runs = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [0.83, 0.84, 0.86, 0.52, 0.16, 0.18]})
+    p = power_analysis(runs, "m", "a", "b", alpha=0.05 / 6)
+    # the reported power is what a simulation of Welch's test at that level finds, at the observed means and sds
+    sd_a, sd_b = runs.m[:3].std(), runs.m[3:].std()
+    rng = np.random.default_rng(0)
+    hits = [stats.ttest_ind(rng.normal(0.843, sd_a, 3), rng.normal(0.287, sd_b, 3), equal_var=False).pvalue
+            < 0.05 / 6 for _ in range(4000)]
+    assert p["power_at_n"] == pytest.approx(np.mean(hits), abs=0.05)
+    at_n = {n: np.mean([stats.ttest_ind(rng.normal(0.843, sd_a, n), rng.normal(0.287, sd_b, n),
+                                        equal_var=False).pvalue < 0.05 / 6 for _ in range(2000)])
+            for n in (p["seeds_needed"] - 1, p["seeds_needed"])}
+    assert at_n[p["seeds_needed"] - 1] < 0.8 + 0.04 and at_n[p["seeds_needed"]] > 0.8 - 0.04
+    # the stricter level needs more seeds than plain 0.05, and the headline table uses alpha / family
+    assert p["seeds_needed"] > power_analysis(runs, "m", "a", "b")["seeds_needed"]
+    summary = rank_strategies(summarise(runs, ["m"]), "m", "maximize")
+    table = headline_power(runs, summary, ["m"], family=6)
+    assert table.alpha.iloc[0] == pytest.approx(0.05 / 6) and table.seeds_needed.iloc[0] == p["seeds_needed"]
+
+
 def test_reading_names_best_significance_and_chance():
     runs = pd.DataFrame(
         {
