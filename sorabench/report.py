@@ -195,7 +195,8 @@ PAIRWISE_COLUMNS = [
 def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=None) -> pd.DataFrame:
     """Every pair of strategies on one metric: Welch's t-test and the two-sided Mann–Whitney U test.
 
-    p-values are scipy's (`ttest_ind(equal_var=False)`, `mannwhitneyu(alternative="two-sided")`); `welch_p_holm`
+    p-values are scipy's (`ttest_ind(equal_var=False)`, `mannwhitneyu(alternative="two-sided")`, exact up to 8 runs
+    per strategy even with ties); `welch_p_holm`
     adjusts them for the number of pairs. `diff` = mean_a − mean_b. `note` says when n is too small to mean much.
     Pairs follow `order` (e.g. the ranking), else sorted names; strategies without a finite value are left out.
     """
@@ -217,7 +218,10 @@ def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zero variance, ties: scipy warns and returns nan / approximates
                 welch = stats.ttest_ind(x, y, equal_var=False)
-                mwu = stats.mannwhitneyu(x, y, alternative="two-sided")
+                # Exact at small n, ties or not: scipy's default switches to the normal approximation on any tie,
+                # which at 3 vs 3 reports p = 0.077 where the exact test cannot go below 0.1 (the note below).
+                exact = "exact" if max(len(x), len(y)) <= 8 else "auto"
+                mwu = stats.mannwhitneyu(x, y, alternative="two-sided", method=exact)
             row.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue))
             row.update(mwu_u=float(mwu.statistic), mwu_p=float(mwu.pvalue))
             if not math.isfinite(row["welch_p"]):

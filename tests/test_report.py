@@ -82,6 +82,9 @@ def test_pairwise_p_values_match_scipy():
     assert ab.mwu_p == pytest.approx(mwu.pvalue) and ab.mwu_u == pytest.approx(mwu.statistic)
     assert ab["diff"] == pytest.approx(2.5 - 13.0) and "small n" in ab.note
     assert "cannot reach" in ab.note  # 4 vs 3: the smallest exact two-sided p is 2/35 > 0.05
+    # A tie within a strategy keeps the exact test (scipy's default approximates: p = 0.077 < its floor of 0.1)
+    tied = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [0.73, 0.70, 0.79, 0.31, 0.14, 0.14]})
+    assert pairwise_tests(tied, "m").iloc[0].mwu_p == pytest.approx(0.1)
     # c has one run: not tested, and it does not count in the Holm adjustment
     assert t.iloc[1:].welch_p.isna().all() and "at least 2 runs" in t.iloc[2].note
     assert ab.welch_p_holm == pytest.approx(ab.welch_p)
