@@ -1,8 +1,10 @@
 """Does a model move the object the way its caption says? Measured without the evaluator: the centroid of the
 object's pixels (black background) in the first and the last frame of each clip.
 
-    .venv/bin/python experiments/conditioning_ablation/motion.py CKPT [N] [shapes field=value ...]
+    .venv/bin/python experiments/conditioning_ablation/motion.py CKPT [N] [shapes field=value ...] [--sheet PNG]
     e.g. ... outputs/train/<study>/adaln_zero-seed0/checkpoints/last.ckpt 256 position_range=1.0
+
+--sheet PNG also writes a contact sheet: the first 8 prompts, each a real clip over its sample, frames left to right.
 
 Samples the first N (default 256) `val` prompts of `shapes` (with the given ShapesConfig fields: the data the model
 was trained on) as the ablation does (20 Euler steps, guidance 2, seed 0) and prints, for the real clips and the
@@ -38,12 +40,35 @@ def report(name: str, videos: torch.Tensor, labels: torch.Tensor) -> None:
           f"{(read == direction).float().mean():.3f} axis {((read // 2) == (direction // 2)).float().mean():.3f}")
 
 
+def contact_sheet(path: str, captions: list[str], real: torch.Tensor, fake: torch.Tensor, k: int = 8) -> None:
+    """Rows: a real clip, then the sample for its caption; columns: frames. Videos (n, 3, T, H, W) in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [v[i] for i in range(min(k, len(captions))) for v in (real, fake)]  # (3, T, H, W) each
+    strip = torch.stack([torch.cat(list(r.permute(1, 2, 3, 0)), dim=1) for r in rows])  # (2k, H, T*W, 3)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(len(real[0, 0]) * 0.9, len(rows) * 0.95))
+    for i, (ax, img) in enumerate(zip(axes, strip)):
+        ax.imshow(img.clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(("real: " if i % 2 == 0 else "sample: ") + captions[i // 2], fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    ckpt, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 256
-    fields = {k: float(v) if k == "position_range" else v for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+    args = sys.argv[1:]
+    sheet = args.pop(args.index("--sheet") + 1) if "--sheet" in args else None
+    args = [a for a in args if a != "--sheet"]
+    ckpt, n = args[0], int(args[1]) if len(args) > 1 else 256
+    fields = {k: float(v) if k == "position_range" else v for k, v in (a.split("=", 1) for a in args[2:])}
     val = make_split(ShapesConfig(**fields), "val")
     labels = val.labels[:n, 0]
     report("real", val.videos[:n].float() / 255, labels)
-    videos = load_pipeline(ckpt).sample_videos(val.captions[:n], steps=20, guidance_scale=2.0, seed=0)
-    report("generated", (videos + 1) / 2, labels)
+    videos = (load_pipeline(ckpt).sample_videos(val.captions[:n], steps=20, guidance_scale=2.0, seed=0) + 1) / 2
+    report("generated", videos, labels)
+    if sheet:
+        contact_sheet(sheet, val.captions, val.videos[:n].float() / 255, videos)
