@@ -15,8 +15,10 @@ README was measured with it."""
 import sys
 
 import torch
+import yaml
 
-from sorabench.data.shapes import DIRECTION_VECTORS, ShapesConfig, make_split
+from sorabench.data.module import dataset_config
+from sorabench.data.shapes import DIRECTION_VECTORS, make_split
 from sorabench.training.runs import load_pipeline
 
 
@@ -64,8 +66,9 @@ if __name__ == "__main__":
     sheet = args.pop(args.index("--sheet") + 1) if "--sheet" in args else None
     args = [a for a in args if a != "--sheet"]
     ckpt, n = args[0], int(args[1]) if len(args) > 1 else 256
-    fields = {k: float(v) if k == "position_range" else v for k, v in (a.split("=", 1) for a in args[2:])}
-    val = make_split(ShapesConfig(**fields), "val")
+    # field=value as in a `data.` override, parsed and checked by the data config's own validation
+    fields = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args[2:])}
+    val = make_split(dataset_config({"name": "shapes", **fields}), "val")
     labels = val.labels[:n, 0]
     report("real", val.videos[:n].float() / 255, labels)
     videos = (load_pipeline(ckpt).sample_videos(val.captions[:n], steps=20, guidance_scale=2.0, seed=0) + 1) / 2
