@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import time
 import warnings
 from datetime import datetime, timezone
 from itertools import combinations
@@ -989,6 +990,23 @@ def _open_store(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# Logged on the study's parent run per row (`summary/<row>/<metric>`, the mean over seeds), beside the headline.
+SUMMARY_METRICS = ["eval/acc_all", "eval/acc_seen", "eval/acc_unseen", "eval/fvd", "eval/fid", "val/loss"]
+
+
+def log_summary_metrics(client, run_id: str, summary: pd.DataFrame, metrics: list[str]):
+    """The report's per-row means as metrics of the parent run: its page compares the strategies at a glance."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    safe = {row: re.sub(r"[^\w\-. /]+", "_", str(row)) for row in summary.index}  # MLflow's allowed key characters
+    batch = [Metric(f"summary/{safe[row]}/{m}", float(summary.at[row, f"{m}_mean"]), now, 0)
+             for m in dict.fromkeys(metrics) if f"{m}_mean" in summary
+             for row in summary.index if pd.notna(summary.at[row, f"{m}_mean"])]
+    for i in range(0, len(batch), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
 def main(cfg: DictConfig) -> int:
     study = None if cfg.study is None else str(cfg.study)
     name = str(cfg.experiment) if cfg.experiment is not None else study
@@ -1097,9 +1115,15 @@ def main(cfg: DictConfig) -> int:
     runs_csv.to_csv(out_dir / "runs.csv", index=False)
 
     if parent_id:
+        # The sweep's own report (name = the study) is `report/` of the parent run, and its per-row means are the
+        # parent's metrics; a later `report name=<other>` (another group_by, a recheck) goes to `reports/<other>/`.
+        own = str(cfg.name) == str(study)
         try:
             for f in files:
-                client.log_artifact(parent_id, str(out_dir / f), artifact_path="report")
+                client.log_artifact(parent_id, str(out_dir / f), artifact_path="report" if own else
+                                    f"reports/{cfg.name}")
+            if own:
+                log_summary_metrics(client, parent_id, summary, [metric, *SUMMARY_METRICS])
         except Exception as e:  # noqa: BLE001 — the files are written; an unreachable artifact store is only a warning
             print(f"warning: could not log the report to parent run {parent_id}: {e}", file=sys.stderr)
     _print(summary, metric, direction, text, out_dir, files, row)

@@ -140,8 +140,33 @@ def schedule(study: optuna.Study, sweep: dict, n_cells: int | None = None) -> tu
         cells = grid_cells(sweep)[:n_cells]
         new = [c for c in cells if cell_id(c) not in taken]
         for c in new:
-            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs={"cell": c}))
+            # `fixed_params` (what Study.enqueue_trial sets) lets `record_cell_params` show the cell as params
+            study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs={"cell": c},
+                                                      system_attrs={"fixed_params": c}))
     return len(reruns), len(new)
+
+
+def record_cell_params(trial: optuna.Trial, values: dict, sweep: dict):
+    """Also record a grid trial's cell as Optuna params: optuna-dashboard plots and filters by params, not user
+    attrs, so without them no chart could tell which strategy or seed a point is. The cell stays the user attr
+    `cell` (what scheduling reads). Numbers get an int/float range (Optuna checks only their kind across trials);
+    names a categorical of the grid's choices, which a study's storage fixes for good: once a grid gains a choice,
+    the new cells run without that param (the dashboard then lists them under user attrs only)."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    fixed = frozen.system_attrs.get("fixed_params") or {}
+    for key, choices in grid_space(sweep).items():
+        if key not in trial.params and fixed.get(key) != values[key]:
+            continue  # queued by an older sorabench (no fixed params): a suggestion would draw a random value
+        numbers = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+        try:
+            if numbers and all(isinstance(c, int) for c in choices):
+                trial.suggest_int(key, min(choices), max(choices))
+            elif numbers:
+                trial.suggest_float(key, float(min(choices)), float(max(choices)))
+            else:
+                trial.suggest_categorical(key, choices)
+        except ValueError:  # "CategoricalDistribution does not support dynamic value space": the grid grew
+            pass
 
 
 @contextmanager
@@ -282,7 +307,7 @@ def create_study(cfg: DictConfig, sweep: dict, storage) -> optuna.Study:
         pruner = optuna.pruners.MedianPruner(
             n_startup_trials=p.get("n_startup_trials", 3), n_warmup_steps=p.get("n_warmup_steps", 1)
         )
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=cfg.study,
         storage=storage,
         sampler=sampler,
@@ -290,6 +315,8 @@ def create_study(cfg: DictConfig, sweep: dict, storage) -> optuna.Study:
         directions=[o["direction"] for o in objectives],
         load_if_exists=True,
     )
+    study.set_metric_names([o["metric"] for o in objectives])  # optuna-dashboard's axis: `eval/fvd`, not "Objective 0"
+    return study
 
 
 def ensure_parent_run(cfg: DictConfig, study: optuna.Study) -> str | None:
@@ -328,10 +355,41 @@ def ensure_parent_run(cfg: DictConfig, study: optuna.Study) -> str | None:
     return run_id
 
 
+# What the study's runs table shows beside each run's name, after the objectives (a sweep YAML may set `columns`).
+DEFAULT_COLUMNS = ["eval/acc_all", "eval/fid", "val/loss"]
+
+
+def share_study_view(cfg: DictConfig, sweep: dict, parent_run_id: str | None) -> dict[str, str]:
+    """Store two runs-table views of the study's experiment and return their addresses ({} without MLflow):
+    `runs`, every run with the objectives and comparison metrics as columns, sorted by the first objective; and
+    `by_strategy`, one row per conditioning strategy holding the mean over its runs."""
+    if parent_run_id is None:
+        return {}
+    import mlflow
+
+    from sorabench.tracking import SHARED_VIEW_KEY, experiment_url, share_runs_view
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    objectives = [o["metric"] for o in sweep["objectives"]]
+    metrics = list(dict.fromkeys([*objectives, *(sweep.get("columns") or DEFAULT_COLUMNS)]))
+    params = [] if sweep["mode"] == "grid" else list(parse_space(sweep))  # a grid cell is already the run's name
+    ascending = sweep["objectives"][0]["direction"] == "minimize"
+    views = {"runs": SHARED_VIEW_KEY, "by_strategy": f"{SHARED_VIEW_KEY}-by-strategy"}
+    share_runs_view(client, experiment_id, metrics, params, order_by=objectives[0], ascending=ascending)
+    share_runs_view(client, experiment_id, metrics, order_by=objectives[0], ascending=ascending,
+                    group_by_tag="sorabench.strategy", key=views["by_strategy"])
+    return {name: experiment_url(cfg.mlflow.tracking_uri, experiment_id, view=key) for name, key in views.items()}
+
+
 def trial_config(cfg: DictConfig, sweep: dict, values: dict, name: str) -> DictConfig:
     overrides = [*(sweep.get("fixed") or []), *(cfg.overrides or [])]
     overrides += [f"{k}={v}" for k, v in values.items()]
-    overrides += [f"name={name}", f"outputs={cfg.outputs}", f"mlflow.experiment={cfg.study}"]
+    # The run directory is `<study>/<cell>` (unique under outputs/); the MLflow name is the cell alone, so the UI's
+    # runs table, which nests children under the study's parent, shows `adaln_zero-seed0` rather than a cut-off
+    # `conditioning_ab...`.
+    overrides += [f"name={name}", f"mlflow.run_name={name.rsplit('/', 1)[-1]}"]
+    overrides += [f"outputs={cfg.outputs}", f"mlflow.experiment={cfg.study}"]
     overrides += [f"mlflow.enabled={cfg.mlflow.enabled}", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]
     return compose_config(sweep.get("command", "train"), overrides, command=sweep.get("command", "train"))
 
@@ -354,6 +412,8 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp:
         if values is None:  # another worker popped the last queued cell between our look and our ask
             trial.set_user_attr(SPARE, "no queued grid cell was left when this trial started")
             raise optuna.TrialPruned("spare trial: no grid cell left")
+        if sweep["mode"] == "grid":
+            record_cell_params(trial, values, sweep)
         name = run_name(cfg.study, values, sweep, trial)
         tcfg = trial_config(cfg, sweep, values, name)
         trial.set_user_attr("run_name", name)
@@ -588,8 +648,11 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     with study_lock(cfg, storage):  # workers starting at once: one queues the cells and one makes the parent run
         reruns, new = schedule(study, sweep, target if sweep["mode"] == "grid" else None)
         parent_run_id = ensure_parent_run(cfg, study)
+        views = share_study_view(cfg, sweep, parent_run_id)
     console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
                   f"cells and {reruns} reruns of interrupted trials")
+    if views:
+        console.print(f"MLflow runs table of this study: {views['runs']}", markup=False, highlight=False)
 
     from sorabench.training.commands import prepare_shared_assets
 
@@ -616,8 +679,12 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
                                          f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
                                          f"metric={sweep['objectives'][0]['metric']}"], command="report")
         report_main(rcfg)
-        console.print(f"MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1, then open "
-                      "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (runs tables, not GenAI)")
+    if views:
+        from sorabench.tracking import ui_hint
+
+        console.print(f"MLflow UI: {ui_hint(cfg.mlflow.tracking_uri)}{views['runs']} (every run, by "
+                      f"{sweep['objectives'][0]['metric']}; per strategy: {views['by_strategy']})",
+                      markup=False, highlight=False)
     return 0
 
 
@@ -697,8 +764,11 @@ def mlflow_children(cfg: DictConfig) -> dict[str, dict]:
         return {}
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
                               max_results=10000)
-    return {r.data.tags.get("mlflow.runName", r.info.run_name): {"status": r.info.status, **r.data.metrics}
-            for r in runs}
+    from sorabench.tracking import NAME_TAG
+
+    # by run directory name (`<study>/<cell>`); runs made before that tag existed were named so in MLflow too
+    return {r.data.tags.get(NAME_TAG) or r.data.tags.get("mlflow.runName", r.info.run_name):
+            {"status": r.info.status, **r.data.metrics} for r in runs}
 
 
 def status_rows(cfg: DictConfig, sweep: dict, study: optuna.Study, storage) -> list[dict]:
@@ -744,10 +814,32 @@ def status_rows(cfg: DictConfig, sweep: dict, study: optuna.Study, storage) -> l
     return rows
 
 
-def status(cfg: DictConfig) -> int:
-    """`sorabench sweep status [sweep=...] [study=...] [storage=...]`: the table of every cell of a study."""
+def print_table(title: str, columns, rows: list[list[str]], out: Console | None = None):
+    """A table no cell of which is cut: whole in a pipe or a log file (as wide as it needs), whole in a terminal
+    that fits it, and as one block of `column: value` lines per row in a terminal too narrow for it."""
+    from rich.measure import Measurement
     from rich.table import Table
 
+    out = out or console
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    need = Measurement.get(out, out.options.update(max_width=100_000), table).maximum
+    if not out.is_terminal:
+        Console(file=out.file, width=max(need, 80), soft_wrap=True).print(table)
+    elif need <= out.width:
+        out.print(table)
+    else:
+        out.print(title, markup=False, highlight=False)
+        for row in rows:
+            out.print(f"{columns[0]}: {row[0]}", style="bold", markup=False, highlight=False)
+            for col, value in zip(columns[1:], row[1:]):
+                if value:
+                    out.print(f"  {col}: {value}", markup=False, highlight=False)
+
+
+def status(cfg: DictConfig) -> int:
+    """`sorabench sweep status [sweep=...] [study=...] [storage=...]`: the table of every cell of a study."""
     sweep = to_container(cfg.sweep)
     parse_space(sweep)
     storage = make_storage(cfg)
@@ -756,13 +848,9 @@ def status(cfg: DictConfig) -> int:
     except KeyError as e:
         raise ConfigError(f"study={cfg.study!r}: no such study in {cfg.storage}") from e
     rows = status_rows(cfg, sweep, study, storage)
-    table = Table(title=f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}")
+    title = f"study {cfg.study!r} ({sweep['mode']}) in {cfg.storage}"
     columns = ("cell", "trial", "state", "host", "heartbeat", "retries", "wall", "objective", "mlflow")
-    for col in columns:
-        table.add_column(col, no_wrap=col in ("cell", "state"))
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in columns))
-    console.print(table, width=None if console.is_terminal else 200)  # a log file gets the whole table
+    print_table(title, columns, [[str(r[c]) for c in columns] for r in rows])
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

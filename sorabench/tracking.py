@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -27,9 +28,51 @@ RUN_ID_FILE = "mlflow_run.json"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+# MLflow 3.17's UI takes the view from the address, not from that tag: `workflowType=machine_learning` opens the runs
+# table. `viewStateShareKey=<key>` applies the view state stored in the experiment tag `mlflow.sharedViewState.<key>`
+# (what the UI's "Share" button writes): the columns, sort order and expanded rows a reader sees first.
+SHARED_VIEW_TAG, SHARED_VIEW_KEY = "mlflow.sharedViewState.", "sorabench"
+NAME_TAG = "sorabench.name"  # a run's `name` (its run directory under outputs/), unique where run names are short
+
+
 def tag_experiment_kind(client, experiment_id: str):
     """Mark an experiment sorabench writes to as model training (every run does it: older experiments get it too)."""
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def share_runs_view(client, experiment_id: str, metrics: list[str], params: list[str] = (),
+                    order_by: str | None = None, ascending: bool = True, group_by_tag: str | None = None,
+                    key: str = SHARED_VIEW_KEY):
+    """Store a runs-table view of an experiment (opened by `experiment_url(..., view=key)`, listed by name in the
+    UI's "Views" menu): these metric and param columns beside the run names, sorted by `order_by`; with
+    `group_by_tag`, one row per value of that run tag holding the mean of its runs."""
+    state = {"selectedColumns": [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in params]}
+    if order_by:  # sorted by a metric, the UI lists a parent's children as rows of their own
+        state.update(orderByKey=f"metrics.`{order_by}`", orderByAsc=ascending)
+    if group_by_tag:  # the UI's "Group by" as it stores it: <mode>.<aggregate>.<key>
+        state["groupBy"] = f"tag.average.{group_by_tag}"
+    # MLflow 3.17's envelope of a saved view; the state inside is a JSON string (the UI may also gzip it)
+    now = int(time.time() * 1000)
+    envelope = {"name": key, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(envelope))
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where a user opens the MLflow UI of this store: the server itself, or `mlflow ui`'s default address."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def experiment_url(tracking_uri: str, experiment_id: str, view: str | None = None) -> str:
+    """The address of one experiment's runs table (not MLflow 3's GenAI overview), in a stored view if given."""
+    url = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to start the UI for this store (nothing to start for a tracking server)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1, then open "
 
 
 def check_tracking_uri(uri: str, timeout: float = 3.0):
@@ -103,14 +146,14 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
     id_file = run_dir / RUN_ID_FILE
     fresh = not id_file.is_file()
     run_id = None if fresh else json.loads(id_file.read_text())["run_id"]
-    all_tags = {"command": cfg.command, "git_commit": git_commit(), **(tags or {})}
+    all_tags = {"command": cfg.command, "git_commit": git_commit(), NAME_TAG: str(cfg.name), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:  # killed between creating the run and writing id_file: continue that run, not a twin
             run_id = orphan_child_run(cfg, parent_run_id)
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
-        run_name=cfg.name,
+        run_name=str(cfg.mlflow.get("run_name") or cfg.name),  # the name in the UI; a sweep's child: its cell (`adaln_zero-seed0`)
         tracking_uri=cfg.mlflow.tracking_uri,
         tags=all_tags,
         run_id=run_id,
@@ -124,7 +167,7 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
 
 
 def orphan_child_run(cfg: DictConfig, parent_run_id: str) -> str | None:
-    """A child of `parent_run_id` named like this run that no run directory claims, or None: its worker was
+    """A child of `parent_run_id` of this run's `name` that no run directory claims, or None: its worker was
     killed between creating it and writing mlflow_run.json, so it was never terminated (still RUNNING)."""
     import mlflow
 
@@ -135,7 +178,7 @@ def orphan_child_run(cfg: DictConfig, parent_run_id: str) -> str | None:
     name = str(cfg.name).replace("'", "\\'")
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`mlflow.runName` = '{name}'"
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{NAME_TAG}` = '{name}'"
         " and attributes.status = 'RUNNING'",
     )
     return runs[0].info.run_id if runs else None

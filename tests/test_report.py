@@ -330,8 +330,26 @@ def test_end_to_end_report(store, capsys):
     assert "best strategy is cross_attention" in md and "Mann–Whitney cannot reach" in md
     assert "0.00347" in md  # chance of all attributes, stated
     assert "cross_attention" in capsys.readouterr().out
-    logged = {a.path for a in client.list_artifacts(pid, "report")}
-    assert {"report/report.md", "report/summary.csv", "report/val_loss.png"} <= logged
+    # a report named other than its study is kept apart from the sweep's own (`report/`) in the parent run
+    logged = {a.path for a in client.list_artifacts(pid, "reports/e2e")}
+    assert {"reports/e2e/report.md", "reports/e2e/summary.csv", "reports/e2e/val_loss.png"} <= logged
+
+
+def test_the_sweeps_own_report_logs_per_strategy_means_and_later_reports_keep_apart(store, capsys):
+    outputs, client, pid = store
+    assert main(report_cfg(outputs, f"study={STUDY}", f"name={STUDY}")) == 0  # what a sweep runs at its end
+    own = {a.path for a in client.list_artifacts(pid, "report")}
+    assert {"report/report.md", "report/summary.csv"} <= own
+    before = (outputs / "report" / STUDY / "report.md").read_text()
+    metrics = client.get_run(pid).data.metrics
+    assert metrics["summary/cross_attention/eval/fvd"] == pytest.approx(110.0)  # the mean over the 3 seeds
+    assert metrics["summary/in_context/eval/acc_all"] == pytest.approx(0.12)
+    assert main(report_cfg(outputs, f"study={STUDY}", "name=recheck", "metric=eval/acc_all")) == 0
+    assert {a.path for a in client.list_artifacts(pid, "report")} == own
+    assert {"reports/recheck/report.md"} <= {a.path for a in client.list_artifacts(pid, "reports/recheck")}
+    local = client.download_artifacts(pid, "report/report.md", str(outputs / "dl"))
+    assert open(local).read().split("generated:")[0] == before.split("generated:")[0]  # not overwritten
+    assert client.get_run(pid).data.metrics == metrics  # a recheck logs no summary metrics
 
 
 def test_accuracy_headline_maximizes(store, capsys):

@@ -55,6 +55,7 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
     client, parents, kids = children(cfg.mlflow.tracking_uri, cfg.study)
     assert len(parents) == 1 and len(kids) == 2
     assert {k.data.tags["sorabench.strategy"] for k in kids} == {"adaln_zero", "in_context"}
+    assert {k.info.run_name for k in kids} == {"adaln_zero-seed0", "in_context-seed0"}  # readable in the UI
     for kid in kids:
         assert kid.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert kid.data.tags["optuna.state"] == "COMPLETE" and kid.info.status == "FINISHED"
@@ -63,6 +64,13 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
         assert {a.path for a in client.list_artifacts(kid.info.run_id)} >= {"config.yaml", "samples"}
     study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert study.metric_names == ["eval/fvd"]
+    assert sorted(t.params["conditioning"] for t in study.trials) == ["adaln_zero", "in_context"]  # the dashboard's
+    samples = [a.path for a in client.list_artifacts(kids[0].info.run_id, "samples")]  # every validation's
+    gif = next(a.path for a in client.list_artifacts(kids[0].info.run_id, samples[-1]) if a.path.endswith(".gif"))
+    from sorabench.data.video_io import probe
+
+    assert probe(client.download_artifacts(kids[0].info.run_id, gif, str(tmp_path / "dl")))["width"] >= 256
     report = tmp_path / "report" / cfg.study / "report.md"  # one report folder per study
     assert report.is_file() and "adaln_zero" in report.read_text()
     # Rerunning a finished sweep runs nothing new.

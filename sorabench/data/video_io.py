@@ -23,6 +23,12 @@ def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
     return frames.numpy()
 
 
+def view_scale(height: int, width: int, min_px: int = 256) -> int:
+    """The pixel-repeat factor that shows a clip at least `min_px` on its short side (a 32x32 clip: 8x, 256x256):
+    previews are for eyes, and a browser's video player shows a 32 px clip as a speck. Metrics never see them."""
+    return max(1, -(-min_px // max(1, min(height, width))))
+
+
 def encode_frames(path: str | Path, frames: np.ndarray, codec: str, pix_fmt: str, fps: int, **container_kw) -> Path:
     """Encode uint8 frames (T, H, W, 3) into a file with PyAV."""
     path = Path(path)

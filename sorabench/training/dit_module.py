@@ -200,7 +200,7 @@ class LogSampleVideos(L.Callback):
             return  # every n-th validation, and always the last one
         from pathlib import Path
 
-        from sorabench.data.video_io import write_clips
+        from sorabench.data.video_io import view_scale, write_clips
         from sorabench.tracking import log_artifact
 
         videos = pl_module.pipeline(self.vae).sample_videos(self.prompts, self.cfg["steps"], self.cfg["guidance_scale"],
@@ -208,7 +208,8 @@ class LogSampleVideos(L.Callback):
         out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}"
         captions = [f"[{tag}] {p}" for p, tag in zip(self.prompts, self.tags)]
         stems = [f"{i:02d}_{tag}" for i, tag in enumerate(self.tags)]
-        paths = write_clips(out, videos, stems, captions, scale=4, sheet="samples.png")
+        scale = view_scale(videos.shape[-2], videos.shape[-1])  # nearest-neighbour, >= 256 px for viewing
+        paths = write_clips(out, videos, stems, captions, scale=scale, sheet="samples.png")
         (out / "prompts.txt").write_text("\n".join(captions) + "\n")
         for path in [*paths, out / "prompts.txt"]:
             log_artifact(trainer.logger, path, f"samples/step_{trainer.global_step:06d}")
