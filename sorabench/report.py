@@ -182,6 +182,20 @@ def holm(pvalues) -> np.ndarray:
     return out
 
 
+def mannwhitney_exact(x, y) -> tuple[float, float]:
+    """(U of x, two-sided p) of the Mann–Whitney test by enumerating every split of the pooled values into groups of
+    these sizes: exact with ties too (midranks), where scipy's method="exact" uses the null distribution of untied
+    data and is not exact once two values tie (seeds at chance accuracy tie often)."""
+    from scipy import stats
+
+    def u(a, b, axis=-1):
+        return stats.mannwhitneyu(a, b, method="asymptotic", axis=axis).statistic
+
+    res = stats.permutation_test((x, y), u, permutation_type="independent", alternative="two-sided",
+                                 n_resamples=np.inf, vectorized=True)
+    return float(u(x, y)), float(min(1.0, res.pvalue))
+
+
 def min_mannwhitney_p(n_a: int, n_b: int) -> float:
     """Smallest two-sided p-value the exact Mann–Whitney U test can give at these group sizes."""
     return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
@@ -196,8 +210,8 @@ PAIRWISE_COLUMNS = [
 def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=None) -> pd.DataFrame:
     """Every pair of strategies on one metric: Welch's t-test and the two-sided Mann–Whitney U test.
 
-    p-values are scipy's (`ttest_ind(equal_var=False)`, `mannwhitneyu(alternative="two-sided")`, exact up to 8 runs
-    per strategy even with ties); `welch_p_holm`
+    p-values are scipy's (`ttest_ind(equal_var=False)`; Mann–Whitney exact by enumeration up to 8 runs per strategy,
+    ties included, `mannwhitneyu(alternative="two-sided")` above); `welch_p_holm`
     adjusts them for the number of pairs. `diff` = mean_a − mean_b. `note` says when n is too small to mean much.
     Pairs follow `order` (e.g. the ranking), else sorted names; strategies without a finite value are left out.
     """
@@ -219,12 +233,15 @@ def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zero variance, ties: scipy warns and returns nan / approximates
                 welch = stats.ttest_ind(x, y, equal_var=False)
-                # Exact at small n, ties or not: scipy's default switches to the normal approximation on any tie,
-                # which at 3 vs 3 reports p = 0.077 where the exact test cannot go below 0.1 (the note below).
-                exact = "exact" if max(len(x), len(y)) <= 8 else "auto"
-                mwu = stats.mannwhitneyu(x, y, alternative="two-sided", method=exact)
+                # Exact at small n, ties or not (a permutation over every split): scipy's default approximates on
+                # any tie (p = 0.077 at 3 vs 3, below the exact floor of 0.1) and its method="exact" ignores ties.
+                if max(len(x), len(y)) <= 8:
+                    mwu_u, mwu_p = mannwhitney_exact(x, y)
+                else:
+                    mwu = stats.mannwhitneyu(x, y, alternative="two-sided")
+                    mwu_u, mwu_p = float(mwu.statistic), float(mwu.pvalue)
             row.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue))
-            row.update(mwu_u=float(mwu.statistic), mwu_p=float(mwu.pvalue))
+            row.update(mwu_u=mwu_u, mwu_p=mwu_p)
             if not math.isfinite(row["welch_p"]):
                 notes.append("Welch undefined: no variance within either strategy")
             if min(len(x), len(y)) < 5:
@@ -387,6 +404,73 @@ def power_analysis(runs: pd.DataFrame, metric: str, a: str, b: str, by: str = "s
     return out
 
 
+EQUIVALENCE_COLUMNS = ["metric", "a", "b", "n_a", "n_b", "diff", "ci90_low", "ci90_high", "margin", "tost_p",
+                       "equivalent", "seeds_for_margin"]
+
+
+def equivalence_tests(runs: pd.DataFrame, metric: str, margin: float, by: str = "strategy", order=None,
+                      alpha: float = ALPHA) -> pd.DataFrame:
+    """Every pair of strategies on `metric`: the two one-sided Welch tests (TOST, statsmodels' `ttost_ind`) of
+    |mean_a - mean_b| < `margin`, the margin declared before the study ran. `equivalent` when tost_p < alpha, i.e.
+    the (1 - 2·alpha) interval of the difference lies inside ±margin: the only ground for "no difference"; a pair
+    that is neither separated nor equivalent is undecided at these seeds. `seeds_for_margin`: seeds per strategy
+    that Welch's test at `alpha` needs to detect a difference of `margin` with 80% power, at the observed spreads."""
+    from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttost_ind
+
+    groups = {name: _finite(g[metric]) for name, g in runs.groupby(by, sort=True)} if metric in runs else {}
+    names = [n for n in (order if order is not None else sorted(groups)) if n in groups and len(groups[n]) >= 2]
+    rows = []
+    for a, b in combinations(names, 2):
+        x, y = groups[a], groups[b]
+        row = dict(metric=metric, a=a, b=b, n_a=len(x), n_b=len(y), diff=float(x.mean() - y.mean()), margin=margin)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = ttost_ind(x, y, -margin, margin, usevar="unequal")[0]
+            low, high = CompareMeans(DescrStatsW(x), DescrStatsW(y)).tconfint_diff(alpha=2 * alpha, usevar="unequal")
+        row.update(ci90_low=float(low), ci90_high=float(high), tost_p=float(p))
+        row["equivalent"] = bool(math.isfinite(row["tost_p"]) and row["tost_p"] < alpha)
+        shifted = runs[runs[by].isin([a, b])].copy()  # the power to detect `margin`: b moved to a's mean - margin
+        shifted.loc[shifted[by] == b, metric] = pd.to_numeric(shifted.loc[shifted[by] == b, metric],
+                                                              errors="coerce") - y.mean() + x.mean() - margin
+        row["seeds_for_margin"] = power_analysis(shifted, metric, a, b, by=by, alpha=alpha)["seeds_needed"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=EQUIVALENCE_COLUMNS)
+
+
+def parse_margins(value, key: str = "margins") -> dict[str, float]:
+    """Equivalence margins as {metric: margin > 0}: a mapping (YAML), or a list of "metric:margin" strings (what a
+    command line can pass: Hydra's dict keys cannot hold the / of a metric name)."""
+    if value is None:
+        return {}
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        pairs = [str(v).rsplit(":", 1) for v in value]
+        require(all(len(p) == 2 for p in pairs), key, value, 'must be a list of "metric:margin" strings')
+        value = dict(pairs)
+    require(isinstance(value, dict), key, value, 'must map metrics to margins, or list "metric:margin" strings')
+    out = {}
+    for metric, margin in value.items():
+        try:
+            out[str(metric)] = float(margin)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.{metric}={margin!r}: a margin must be a number") from None
+        require(out[str(metric)] > 0, f"{key}.{metric}", margin, "a margin must be > 0")
+    return out
+
+
+def declared_protocol(parents: pd.DataFrame) -> dict:
+    """The study's pre-registered protocol (`protocol:` of its sweep YAML, recorded on the parent run): alpha and the
+    equivalence margin of each tested metric. {} when none was declared."""
+    if parents.empty or "tags.sweep_yaml" not in parents or not isinstance(parents["tags.sweep_yaml"].iloc[-1], str):
+        return {}
+    try:
+        sweep = OmegaConf.to_container(OmegaConf.create(parents["tags.sweep_yaml"].iloc[-1]))
+    except Exception:  # noqa: BLE001 - a cut-off tag
+        return {}
+    return dict(sweep.get("protocol") or {})
+
+
 # ------------------------------------------------------------------------------------------------ guidance axis
 # `metrics.guidance_scales` logs `eval/cfg<scale>/<metric>` (test prompts) and `eval_<split>/cfg<scale>/<metric>`
 # (the selection split's prompts, val by default) beside the unsuffixed eval/* of the shared default scale
@@ -542,13 +626,22 @@ def fmt(x, digits: int = 4) -> str:
     return f"{float(x):.{digits}g}" if _ok(x) else "–"
 
 
-def fmt_ci(mean, ci) -> str:
-    """'mean ± ci'; 'mean ± n/a' with a single run; '–' without any."""
+def fmt_ci(mean, ci, bounds: tuple[float, float] | None = None) -> str:
+    """'mean ± ci'; 'mean ± n/a' with a single run; '–' without any. A metric with `bounds` (an accuracy: [0, 1])
+    whose interval crosses one shows the interval cut to them, 'mean [low, high]', not a range it cannot take."""
     if not _ok(mean):
         return "–"
     if not _ok(ci):
         return f"{fmt(mean)} ± n/a"
+    if bounds is not None and (mean - ci < bounds[0] or mean + ci > bounds[1]):
+        return f"{fmt(mean)} [{fmt(max(bounds[0], mean - ci), 2)}, {fmt(min(bounds[1], mean + ci), 2)}]"
     return f"{fmt(mean)} ± {fmt(ci, 2) if ci > 1e-9 * max(abs(float(mean)), 1e-12) else '0'}"
+
+
+def metric_bounds(metric: str) -> tuple[float, float] | None:
+    """The range a metric can take, where it has one: accuracies (eval/acc_*, eval/*_acc_*) lie in [0, 1]."""
+    base = str(metric).rsplit("/", 1)[-1]
+    return (0.0, 1.0) if base.startswith("acc") or "_acc_" in base or base.startswith("chance") else None
 
 
 def fmt_p(p) -> str:
@@ -572,7 +665,7 @@ def md_table(headers, rows) -> str:
 
 def _summary_cell(summary: pd.DataFrame, strategy, metric: str) -> str:
     row = summary.loc[strategy]
-    text = fmt_ci(row.get(f"{metric}_mean"), row.get(f"{metric}_ci95"))
+    text = fmt_ci(row.get(f"{metric}_mean"), row.get(f"{metric}_ci95"), metric_bounds(metric))
     k = row.get(f"{metric}_n")
     if _ok(k) and 0 < int(k) < int(row["n"]):
         text += f" (n={int(k)})"
@@ -645,6 +738,26 @@ def reading(
     if excluded:
         parts.append(f"{excluded} failed, pruned or unfinished run{'s' if excluded > 1 else ''} were left out.")
     return " ".join(parts)
+
+
+def equivalence_reading(summary: pd.DataFrame, equivalence: pd.DataFrame, metric: str) -> str:
+    """The TOST verdict of the best strategy against the runner-up on `metric`, for the reading: with no declared
+    margin a pair that is not separated is undecided, and the reading says so."""
+    ranked = [s for s in summary.index if _ok(summary.loc[s].get(f"{metric}_mean"))]
+    if len(ranked) < 2:
+        return ""
+    best, second = ranked[:2]
+    rows = equivalence[(equivalence.metric == metric) & (((equivalence.a == best) & (equivalence.b == second)) |
+                                                         ((equivalence.a == second) & (equivalence.b == best)))]
+    if rows.empty:
+        return (f" No equivalence margin was declared for {metric}: if the two are not separated, that is no evidence "
+                "that they are the same.")
+    r = rows.iloc[0]
+    if r.equivalent:
+        return (f" {best} and {second} are equivalent within ±{fmt(r.margin, 3)} on {metric} (TOST p={fmt_p(r.tost_p)},"
+                f" 90% CI of the difference [{fmt(r.ci90_low, 3)}, {fmt(r.ci90_high, 3)}]).")
+    return (f" Equivalence within the declared ±{fmt(r.margin, 3)} on {metric} is not shown (TOST p={fmt_p(r.tost_p)}):"
+            " where they are not separated either, the comparison is undecided at these seeds.")
 
 
 def budget_line(runs: pd.DataFrame) -> str:
@@ -725,8 +838,8 @@ def select_study_runs(frame: pd.DataFrame, study: str | None = None) -> tuple[pd
         parents = parents[parents.study == study]
     if len(parents):
         children = frame[frame.parent_run_id.isin(parents.run_id)]
-    else:
-        children = frame[frame.role != "study"]
+    else:  # `evaluate ckpt=` runs re-score a run under another protocol: never counted as runs of their own
+        children = frame[~frame.role.isin(["study", "evaluation"])]
     return children, parents.sort_values("start_time", na_position="first")
 
 
@@ -826,7 +939,7 @@ def render_markdown(
     *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
     tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
     refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None, guidance: list[str] = (),
-    pareto: list[str] = (), row: str = "strategy",
+    pareto: list[str] = (), row: str = "strategy", equivalence: pd.DataFrame | None = None,
 ) -> str:
     order = list(summary.index)
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
@@ -913,8 +1026,10 @@ def render_markdown(
                   "and the seeds per strategy the report's own decision needs to separate them with 80% power: "
                   f"Welch's two-sided t-test (each strategy's own spread) at α = {level:.3g}: {ALPHA:g} divided by "
                   f"the {holm_family(tests)} tests of the pairwise section, the strictest step of their Holm "
-                  "adjustment (noncentral t). 'power now' is that power at the seeds this study has. The observed effect and "
-                  "spreads of a small study are themselves noisy: read the seed count as an order of magnitude.")
+                  "adjustment (noncentral t). The observed effect and spreads of a small study are themselves noisy: "
+                  "read the seed count as an order of magnitude, and plan seeds from the declared smallest effect of "
+                  "interest (the equivalence margin, next section), not from the observed one. No 'observed power' is "
+                  "shown: at the observed effect it only re-expresses the p-value.")
         md.append("")
         def holm_p(r) -> float:
             t = tests.get(r.metric)
@@ -927,10 +1042,27 @@ def render_markdown(
             verdict = "separated" if _ok(p) and p < ALPHA else "not separated"
             seeds = "–" if not _ok(r.seeds_needed) else (
                 f"> {int(r.seeds_needed) - 1}" if r.seeds_needed > 1000 else str(int(r.seeds_needed)))
-            rows.append([r.metric, r.a, r.b, fmt(r["diff"]), fmt_p(p), verdict, fmt(r.cohens_d, 3),
-                         fmt(r.power_at_n, 2), seeds])
-        headers = ["metric", "best", "vs", "diff", "Holm p", "at α", "Cohen's d", "power now", "seeds for 80%"]
+            rows.append([r.metric, r.a, r.b, fmt(r["diff"]), fmt_p(p), verdict, fmt(r.cohens_d, 3), seeds])
+        headers = ["metric", "best", "vs", "diff", "Holm p", "at α", "Cohen's d", "seeds for 80% (observed d)"]
         md += [md_table(headers, rows), ""]
+
+    md += ["## Equivalence (TOST at the declared margins)", ""]
+    if equivalence is None or equivalence.empty:
+        md += ["No equivalence margin was declared (`protocol.margins` of the sweep YAML, or `margins=` of the "
+               "report): a pair that is not separated is undecided, never \"the same\".", ""]
+    else:
+        md.append("Two one-sided Welch tests (statsmodels `ttost_ind`) of |mean A − mean B| < margin, the margin "
+                  "declared before the study ran. equivalent: TOST p < α, i.e. the 90% interval of the difference "
+                  "lies inside ±margin. A pair neither separated (pairwise tests) nor equivalent is undecided at these "
+                  "seeds; 'seeds for margin' is what Welch's test needs to detect a difference of the margin with 80% "
+                  "power at the observed spreads.")
+        md.append("")
+        rows = [[r.metric, r.a, r.b, fmt(r["diff"]), f"[{fmt(r.ci90_low, 3)}, {fmt(r.ci90_high, 3)}]",
+                 f"±{fmt(r.margin, 3)}", fmt_p(r.tost_p), "equivalent" if r.equivalent else "not shown",
+                 "–" if not _ok(r.seeds_for_margin) else str(int(r.seeds_for_margin))]
+                for _, r in equivalence.iterrows()]
+        md += [md_table(["metric", "A", "B", "diff", "90% CI", "margin", "TOST p", "verdict", "seeds for margin"],
+                        rows), ""]
 
     md += list(guidance)
     md += list(pareto)
@@ -990,6 +1122,31 @@ def _open_store(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# What makes two runs' numbers comparable: the evaluation protocol each run tags (feature network and its weights,
+# clips, frames, guidance, sampler steps, split, ...) and the numeric precision it trained and sampled in.
+PROTOCOL_TAG_PREFIX, PROTOCOL_PARAMS = "tags.eval.protocol.", ("params.trainer.precision",)
+
+
+def check_protocols(runs: pd.DataFrame, keys: list[str]) -> str:
+    """The hash of the protocol the runs share; a ConfigError naming the first field on which they differ (their
+    numbers must not be pooled or ranked together), unless that field is a `group_by` key (then rows differ by it
+    on purpose)."""
+    import hashlib
+
+    columns = sorted(c for c in runs if c.startswith(PROTOCOL_TAG_PREFIX) or c in PROTOCOL_PARAMS)
+    shared = {}
+    for col in columns:
+        values = sorted(set(runs[col].dropna().astype(str)))
+        field = col.removeprefix(PROTOCOL_TAG_PREFIX).removeprefix("params.")
+        if len(values) > 1 and col.removeprefix("params.") not in keys:
+            counts = ", ".join(f"{v!r} ({int((runs[col].astype(str) == v).sum())} runs)" for v in values[:4])
+            raise ConfigError(f"eval protocol {field}: the runs were evaluated differently ({counts}); their numbers "
+                              "cannot be pooled or ranked together: report each protocol on its own (experiment=, or "
+                              f"group_by=[strategy,{field}] for a logged config key)")
+        shared[field] = values
+    return hashlib.sha256(repr(sorted(shared.items())).encode()).hexdigest()[:12] if shared else "none logged"
+
+
 # Logged on the study's parent run per row (`summary/<row>/<metric>`, the mean over seeds), beside the headline.
 SUMMARY_METRICS = ["eval/acc_all", "eval/acc_seen", "eval/acc_unseen", "eval/fvd", "eval/fid", "val/loss"]
 
@@ -1030,6 +1187,7 @@ def main(cfg: DictConfig) -> int:
 
     frame, all_metrics = runs_frame(search_all_runs(client, experiment.experiment_id))
     children, parents = select_study_runs(frame, study)
+    protocol_hash = check_protocols(children[children.state == COMPLETE], keys)
     children = children.sort_values(["trial", "start_time"], na_position="last", kind="stable")
     labels = group_labels(children, keys)
     runs_csv = children.assign(group=labels)
@@ -1049,6 +1207,10 @@ def main(cfg: DictConfig) -> int:
     order = list(summary.index)
     tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]
     tests = holm_across({m: pairwise_tests(complete, m, order=order) for m in tested})
+    declared = declared_protocol(parents)
+    margins = {**parse_margins(declared.get("margins"), "protocol.margins"), **parse_margins(cfg.margins)}
+    equivalence = pd.concat([equivalence_tests(complete, m, float(margins[m]), order=order) for m in tested
+                             if m in margins] or [pd.DataFrame(columns=EQUIVALENCE_COLUMNS)], ignore_index=True)
     comp = composition(complete, order=order)
 
     out_dir = Path(cfg.run_dir)
@@ -1064,6 +1226,7 @@ def main(cfg: DictConfig) -> int:
 
     text = reading(summary, tests.get(metric, pd.DataFrame(columns=PAIRWISE_COLUMNS)), metric, direction, comp,
                    excluded=len(excluded))
+    text += equivalence_reading(summary, equivalence, metric)
     guidance = guidance_summary(complete)
     axis_metric = metric.removeprefix("eval/") if (guidance.metric == metric.removeprefix("eval/")).any() else "acc_all"
     axis_direction = direction if axis_metric == metric.removeprefix("eval/") else metric_direction(axis_metric)
@@ -1091,6 +1254,7 @@ def main(cfg: DictConfig) -> int:
         "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
         f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
         f"rows: one per {row} (group_by)",
+        f"evaluation protocol: `{protocol_hash}` (hash of every run's protocol tags: one for the whole table)",
         budget_line(complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
@@ -1099,10 +1263,11 @@ def main(cfg: DictConfig) -> int:
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
         refs=reference_points(complete), power=headline_power(complete, summary, tested, family=holm_family(tests)),
         guidance=guidance_md,
-        pareto=pareto_md, row=row,
+        pareto=pareto_md, row=row, equivalence=equivalence,
     )
 
-    files = ["report.md", "summary.csv", "pairwise.csv", "runs.csv", *plots.values()]
+    equivalence.to_csv(out_dir / "equivalence.csv", index=False)
+    files = ["report.md", "summary.csv", "pairwise.csv", "equivalence.csv", "runs.csv", *plots.values()]
     files += [pareto_plot] if pareto_plot else []
     if len(guidance):
         guidance.to_csv(out_dir / "guidance.csv", index=False)

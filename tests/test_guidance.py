@@ -206,3 +206,28 @@ def test_report_plots_the_axis_and_tables_the_best_scale(tmp_path, capsys):
     all_metrics = md.split("## All metrics")[1].split("## Pairwise tests")[0]
     assert "cfg2" not in all_metrics and "eval/acc_all" in all_metrics  # the axis has its own section
     assert not (out / "eval_cfg2_fvd.png").exists()
+
+
+def test_evaluate_ckpt_logs_into_a_child_run_never_the_checkpoints_own(tmp_path):
+    import json
+
+    from mlflow import MlflowClient
+
+    from sorabench.metrics.evaluate import evaluation_logger
+
+    cfg = evaluate_cfg(tmp_path, "name=recheck")
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "art"))
+    trained = client.create_run(exp, tags={"mlflow.runName": "adaln_zero-seed0"}).info.run_id
+    client.log_metric(trained, "eval/fvd", 60.0, step=1500)
+    run_dir = tmp_path / "train" / "study" / "adaln_zero-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": trained, "experiment": "study"}))
+    logger = evaluation_logger(cfg, run_dir)
+    logger.log_metrics({"eval/fvd": 99.0}, step=1500)
+    run = client.get_run(logger.run_id)
+    assert logger.run_id != trained and run.data.tags["mlflow.parentRunId"] == trained
+    assert run.data.tags["sorabench.role"] == "evaluation" and run.info.run_name == "evaluate-recheck"
+    assert [m.value for m in client.get_metric_history(trained, "eval/fvd")] == [60.0]  # the run's own number stays
+    assert evaluation_logger(cfg, run_dir).run_id == logger.run_id  # the same name continues the same run
+    assert evaluation_logger(cfg, tmp_path / "no_run") is None

@@ -495,3 +495,77 @@ def test_group_by_a_key_no_run_logged_is_one_line(search_store, capsys):
     assert cli(["report", f"outputs={search_store}", f"study={SEARCH}", "group_by=optim.lr"]) == 2
     err = capsys.readouterr().err.strip()
     assert "group_by='optim.lr'" in err and "dit.width" in err and len(err.splitlines()) == 1
+
+
+def test_mann_whitney_is_exact_with_ties():
+    import itertools
+
+    from sorabench.report import mannwhitney_exact
+
+    x, y = np.array([0.2, 0.2, 0.3]), np.array([0.1, 0.1, 0.2])  # seeds at the same accuracy tie
+    pooled = np.concatenate([x, y])
+
+    def u(a, b):
+        return sum((ai > bi) + 0.5 * (ai == bi) for ai in a for bi in b)
+
+    observed = u(x, y)
+    us = [u(pooled[list(i)], np.delete(pooled, list(i))) for i in itertools.combinations(range(6), 3)]
+    mean = np.mean(us)
+    p = np.mean([abs(v - mean) >= abs(observed - mean) - 1e-12 for v in us])  # every split, ties kept
+    got_u, got_p = mannwhitney_exact(x, y)
+    assert got_u == observed and got_p == pytest.approx(p)
+    assert got_p != pytest.approx(stats.mannwhitneyu(x, y, method="exact").pvalue)  # scipy's ignores the ties
+    assert mannwhitney_exact(np.array([1.0, 2, 3]), np.array([4.0, 5, 6]))[1] == pytest.approx(0.1)  # the floor
+
+
+def test_accuracy_intervals_stay_inside_zero_and_one():
+    from sorabench.report import fmt_ci, metric_bounds
+
+    assert metric_bounds("eval/acc_all") == (0.0, 1.0) and metric_bounds("eval/fvd") is None
+    assert fmt_ci(0.198, 0.25, metric_bounds("eval/acc_all")) == "0.198 [0, 0.45]"
+    assert fmt_ci(0.5, 0.1, (0.0, 1.0)) == "0.5 ± 0.1" and fmt_ci(-3.0, 5.0) == "-3 ± 5"
+
+
+def test_equivalence_needs_tost_inside_the_declared_margin():
+    from statsmodels.stats.weightstats import ttost_ind
+
+    from sorabench.report import equivalence_tests
+
+    runs = pd.DataFrame({"strategy": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+                         "m": [0.90, 0.91, 0.92, 0.91, 0.91, 0.90, 0.92, 0.92, 0.60, 0.80, 0.70, 0.90]})
+    eq = equivalence_tests(runs, "m", margin=0.05).set_index(["a", "b"])
+    assert eq.loc[("a", "b"), "equivalent"]  # 0.01 apart, tight: inside ±0.05
+    a, b = runs.m[:4].to_numpy(), runs.m[4:8].to_numpy()
+    assert eq.loc[("a", "b"), "tost_p"] == pytest.approx(ttost_ind(a, b, -0.05, 0.05, usevar="unequal")[0])
+    assert eq.loc[("a", "b"), "ci90_low"] > -0.05 and eq.loc[("a", "b"), "ci90_high"] < 0.05
+    assert not eq.loc[("a", "c"), "equivalent"]  # far apart and noisy: not shown equivalent
+    assert eq.loc[("a", "c"), "seeds_for_margin"] > eq.loc[("a", "b"), "seeds_for_margin"]  # c's spread costs seeds
+
+
+def test_runs_of_different_protocols_are_never_pooled():
+    from sorabench.report import check_protocols
+
+    runs = pd.DataFrame({"strategy": ["a", "b"], "tags.eval.protocol.n_generated": ["256", "512"],
+                         "params.trainer.precision": ["32-true", "32-true"]})
+    with pytest.raises(ConfigError, match=r"eval protocol n_generated: .*'256' \(1 runs\), '512' \(1 runs\)"):
+        check_protocols(runs, ["strategy"])
+    same = runs.assign(**{"tags.eval.protocol.n_generated": ["256", "256"]})
+    assert check_protocols(same, ["strategy"]) == check_protocols(same.iloc[::-1], ["strategy"]) != "none logged"
+    mixed = same.assign(**{"params.trainer.precision": ["32-true", "bf16-mixed"]})
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        check_protocols(mixed, ["strategy"])
+    assert check_protocols(mixed, ["strategy", "trainer.precision"])  # rows kept apart by it on purpose
+
+
+def test_report_prints_the_equivalence_test_at_declared_margins(store, capsys):
+    outputs, _, _ = store
+    assert main(report_cfg(outputs, f"study={STUDY}", "name=eq", 'margins=["eval/acc_all:0.5","eval/fvd:1.0"]')) == 0
+    md = (outputs / "report" / "eq" / "report.md").read_text()
+    assert "## Equivalence (TOST at the declared margins)" in md and "power now" not in md
+    eq = pd.read_csv(outputs / "report" / "eq" / "equivalence.csv").set_index("metric")
+    assert bool(eq.loc["eval/acc_all", "equivalent"])  # 0.2 apart, tight, inside ±0.5
+    assert not bool(eq.loc["eval/fvd", "equivalent"])  # 40 apart: not within ±1
+    assert "evaluation protocol: `none logged`" in md
+    assert "Equivalence within the declared ±1 on eval/fvd is not shown" in md
+    with pytest.raises(ConfigError, match="margins.eval/fvd='x': a margin must be a number"):
+        main(report_cfg(outputs, f"study={STUDY}", "name=eq2", 'margins=["eval/fvd:x"]'))

@@ -442,8 +442,26 @@ def folder_batches(files: list[Path], m: DictConfig, size: int, start: str, seed
         yield torch.stack(clips)
 
 
+def evaluation_logger(cfg: DictConfig, run_dir: Path):
+    """The MLflow run of `evaluate ckpt=`: a child of the checkpoint's own run (found through the run directory's
+    mlflow_run.json), named `evaluate-<name>` and tagged `sorabench.role=evaluation`. Never the checkpoint's run
+    itself: this evaluation's protocol (samples, guidance, evaluator budget) may differ from the one the run was
+    trained and scored under, and its numbers must not replace the run's; a study's report reads only trial runs.
+    Rerunning with the same `name=` continues the same evaluation run. None without MLflow or a run."""
+    from sorabench.tracking import RUN_ID_FILE, make_logger
+
+    id_file = run_dir / RUN_ID_FILE
+    if not cfg.mlflow.enabled or not id_file.is_file():
+        return None
+    run_info = json.loads(id_file.read_text())
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir / "evaluate" / str(cfg.name))
+        cfg.mlflow.experiment, cfg.mlflow.run_name = run_info["experiment"], f"evaluate-{cfg.name}"
+    return make_logger(cfg, tags={"sorabench.role": "evaluation", "sorabench.evaluated_run": run_info["run_id"]},
+                       parent_run_id=run_info["run_id"])
+
+
 def main(cfg: DictConfig) -> int:
-    from sorabench.tracking import make_logger
 
     m = cfg.metrics
     require(m.cfg >= 0, "metrics.cfg", m.cfg, "the guidance scale must be >= 0")
@@ -474,14 +492,7 @@ def main(cfg: DictConfig) -> int:
     require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
     check_metrics_config(cfg)  # before the evaluator is trained or a clip sampled
     pipeline = load_pipeline(cfg.ckpt)
-    # Log into the checkpoint's own run: its run directory holds the MLflow run id.
-    run_dir = Path(cfg.ckpt).resolve().parent.parent
-    logger = None
-    if cfg.mlflow.enabled and (run_dir / "mlflow_run.json").is_file():
-        run_info = json.loads((run_dir / "mlflow_run.json").read_text())
-        with open_dict(cfg):
-            cfg.run_dir, cfg.mlflow.experiment = str(run_dir), run_info["experiment"]
-        logger = make_logger(cfg)
+    logger = evaluation_logger(cfg, Path(cfg.ckpt).resolve().parent.parent)
     step = int(torch.load(cfg.ckpt, map_location="cpu", weights_only=True).get("global_step", 0))
     metrics = evaluate_module(pipeline, cfg, logger, step=step)
     print_metrics(metrics, f"{cfg.ckpt} ({m.features} features, {m.n_samples} samples x {m.num_seeds} seeds)")
