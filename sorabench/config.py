@@ -28,9 +28,11 @@ class ConfigError(ValueError):
 
 def compose_config(config_name: str, overrides: list[str], command: str | None = None) -> DictConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides; struct mode, so an unknown key is an error, and the
-    typed schema (`check_types`), so a value of the wrong type is an error naming its key."""
+    typed schema (`check_types`), so a value of the wrong type is an error naming its key. The user's plugins
+    (`plugins=[...]`, the `sorabench.plugins` entry points) are imported first and their configs searched."""
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise ConfigError(f"no config {config_name}.yaml in {CONF_DIR}")
+    overrides = with_plugin_configs(overrides, load_plugins(overrides))
     head = [f"command={command or config_name}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         try:
@@ -51,6 +53,67 @@ def compose_config(config_name: str, overrides: list[str], command: str | None =
         schema = compose(config_name=config_name, overrides=[*head, *searchpath, *group_choices(overrides, choices)])
     check_types(cfg, schema)
     return cfg
+
+
+# ---- plugins: a user's strategies, metrics and datasets in their own package -------------------------------------
+# `sorabench train plugins=[mylab.strategies] conditioning=my_strategy`: each module is imported before the config is
+# composed, so its `@register(...)` classes are known to every check; a `conf/` folder beside the module (or the path
+# in its `SORABENCH_CONF`) joins Hydra's search path, so its YAMLs are config group options (`conf/conditioning/
+# my_strategy.yaml`). Installed packages can declare modules in the entry-point group `sorabench.plugins` instead;
+# those load in every command. A sweep passes `plugins` to every trial and worker.
+ENTRY_POINT_GROUP = "sorabench.plugins"
+
+
+def plugin_names(overrides: list[str]) -> list[str]:
+    """The module names of a `plugins=` override (a name or a list), [] without one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    found = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "plugins"]
+    if not found:
+        return []
+    value = OverridesParser.create().parse_overrides([found[-1].lstrip("+~")])[0].value()
+    names = value if isinstance(value, list) else [] if value in (None, "") else [value]
+    for name in names:
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"plugins={value!r}: {name!r} is not a Python module name (e.g. mylab.strategies)")
+    return names
+
+
+def load_plugins(overrides: list[str]) -> list[Path]:
+    """Import the plugin modules (once per process); return the config folders they bring."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    modules = [(ep.value.split(":")[0], f"entry point {ep.name!r}") for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    modules += [(name, "plugins") for name in plugin_names(overrides)]
+    folders = []
+    for name, origin in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a missing module or an error inside it: one line naming it
+            raise ConfigError(f"{origin}: cannot import {name!r} ({type(e).__name__}: {e})") from e
+        conf = getattr(module, "SORABENCH_CONF", None) or (
+            Path(module.__file__).parent / "conf" if getattr(module, "__file__", None) else None)
+        if conf is not None and Path(conf).is_dir() and Path(conf).resolve() not in folders:
+            folders.append(Path(conf).resolve())
+    return folders
+
+
+def with_plugin_configs(overrides: list[str], folders: list[Path]) -> list[str]:
+    """`overrides` with the plugins' config folders added to `hydra.searchpath` (beside any the user gave)."""
+    if not folders:
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    paths, rest = [], []
+    for o in overrides:
+        if o.startswith("hydra.searchpath="):
+            paths += list(OverridesParser.create().parse_overrides([o])[0].value() or [])
+        else:
+            rest.append(o)
+    paths += [f"file://{f}" for f in folders if f"file://{f}" not in paths]
+    quoted = ",".join("'" + p.replace("\\", "\\\\").replace("'", "\\'") + "'" for p in paths)
+    return [*rest, f"hydra.searchpath=[{quoted}]"]
 
 
 # ---- the typed schema -------------------------------------------------------------------------------------------

@@ -390,6 +390,8 @@ def trial_config(cfg: DictConfig, sweep: dict, values: dict, name: str) -> DictC
     # `conditioning_ab...`.
     overrides += [f"name={name}", f"mlflow.run_name={name.rsplit('/', 1)[-1]}"]
     overrides += [f"outputs={cfg.outputs}", f"mlflow.experiment={cfg.study}"]
+    if cfg.get("plugins"):  # the user's strategies etc., imported by every trial's composition (workers too)
+        overrides.append("plugins=[" + ",".join(cfg.plugins) + "]")
     overrides += [f"mlflow.enabled={cfg.mlflow.enabled}", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]
     return compose_config(sweep.get("command", "train"), overrides, command=sweep.get("command", "train"))
 
