@@ -95,7 +95,7 @@ def cell_id(values: dict) -> str:
 
 
 def cell_values(t) -> dict:
-    """A grid trial's cell {key: value} (params for a study made by sorabench before cells were queued)."""
+    """A grid trial's cell {key: value}: its user attr `cell` (params where a study has no such attr)."""
     return t.user_attrs.get("cell") or t.params
 
 
@@ -428,11 +428,7 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp:
 
             monitor = (sweep.get("pruner") or {}).get("monitor", "val/loss")
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=monitor))
-        tags = {
-            "optuna.study": cfg.study,
-            "optuna.trial_number": str(trial.number),
-            "sorabench.strategy": str(tcfg.conditioning.name),
-        }
+        tags = {"optuna.study": cfg.study, "optuna.trial_number": str(trial.number)}  # `train` tags the strategy
         console.rule(f"trial {trial.number}: {name}")
         if ddp:
             DDPFollower.announce({"values": values, "name": name})

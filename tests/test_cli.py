@@ -17,7 +17,11 @@ def test_help_lists_commands(capsys):
 def test_cfg_job_prints_resolved_config(capsys):
     assert main(["data", "preview", "data.num_frames=16", "--cfg", "job"]) == 0
     out = capsys.readouterr().out
-    assert "num_frames: 16" in out and "sqlite:///" not in out.split("mlflow")[0]
+    import yaml
+
+    cfg = yaml.safe_load(out)  # the whole config, resolved: no interpolation left
+    assert cfg["data"]["num_frames"] == 16 and "${" not in out
+    assert cfg["mlflow"]["tracking_uri"].startswith("sqlite:///") and cfg["mlflow"]["tracking_uri"].endswith("mlflow.db")
 
 
 def test_unknown_key_is_one_line_exit_2(capsys):

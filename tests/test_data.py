@@ -179,6 +179,17 @@ def test_folder_frame_stride_and_random_offset(video_folder):
     offsets = {float(ds[0]["video"][0, 0].argmax()) for _ in range(10)}
     assert len(offsets) > 1  # training draws random temporal offsets
 
+    def step_px(stride):  # how far the square moves between consecutive frames of a clip
+        c = folder_cfg(video_folder, frame_stride=stride)
+        c.num_frames = 4
+        video = FolderDataset(c, "train", train=False)[0]["video"]
+        red = (video[0] > 0).float()  # (T, H, W): the square
+        cols = torch.arange(red.shape[-1], dtype=torch.float)
+        x = (red.sum(1) * cols).sum(1) / red.sum((1, 2))  # centre of mass per frame
+        return float((x[1:] - x[:-1]).mean())
+
+    assert step_px(2) == pytest.approx(2 * step_px(1), rel=0.1) and step_px(1) > 1  # every 2nd frame: twice the step
+
 
 def test_folder_csv_and_webvid_columns(tmp_path):
     write_video(tmp_path / "123.mp4", moving_square())

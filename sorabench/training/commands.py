@@ -144,6 +144,11 @@ def encode(cfg: DictConfig) -> int:
 # ---- DiT -------------------------------------------------------------------------------------------------------
 
 
+def evaluating(cfg: DictConfig) -> bool:
+    """Whether this run evaluates: after training (`evaluate.enabled`) or during it (`evaluate.every_n_steps`)."""
+    return bool(cfg.evaluate.enabled or cfg.evaluate.every_n_steps)
+
+
 def validate_train_config(cfg: DictConfig):
     """Reject bad values before any data is rendered or any model is trained."""
     require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
@@ -154,7 +159,7 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.get("budget", "steps") in ("steps", "flops"), "budget", cfg.get("budget"), "must be steps or flops")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
-    if cfg.evaluate.enabled or cfg.evaluate.every_n_steps:
+    if evaluating(cfg):
         from sorabench.metrics.evaluate import check_guidance_axis, check_metrics_config
 
         check_guidance_axis(cfg.metrics)
@@ -163,9 +168,8 @@ def validate_train_config(cfg: DictConfig):
 
     data = dataset_config(to_container(cfg.data))
     check_dataset(to_container(cfg.data))  # e.g. a folder indexes and probes its files now, not minutes into training
-    evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
     labelled = bool(attribute_schema(to_container(cfg.data)))  # the evaluator needs the dataset's attribute labels
-    if evaluating and cfg.metrics.features == "evaluator" and not labelled:
+    if evaluating(cfg) and cfg.metrics.features == "evaluator" and not labelled:
         raise ConfigError(f"metrics=evaluator needs data=shapes (its attribute labels); with data={cfg.data.name} use "
                           "metrics=i3d (standard FVD), metrics=torchscript (your feature network files) or "
                           "evaluate.enabled=false")
@@ -284,8 +288,7 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
             captions += load_or_encode(vae, vae_ckpt, data, split, cfg.cache_dir)["captions"]
         if is_frozen(cfg.text_encoder.name):
             frozen_text_encoder(**to_container(cfg.text_encoder)).precompute(captions, cache_dir=cfg.cache_dir)
-    evaluating = cfg.evaluate.enabled or cfg.evaluate.every_n_steps
-    if evaluating and (cfg.metrics.features == "evaluator" or attribute_schema(to_container(cfg.data))):
+    if evaluating(cfg) and (cfg.metrics.features == "evaluator" or attribute_schema(to_container(cfg.data))):
         ensure_evaluator(cfg)
 
 
