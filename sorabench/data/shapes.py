@@ -9,6 +9,8 @@ and synonyms, so a text encoder must read words, not ids.
 
 Compositional generalisation: a fixed, seeded set of (colour, shape, direction) triples is held out. The train split
 never contains them; val/test mix seen and unseen compositions (flagged per clip); the `unseen` split holds only them.
+`num_objects=2` (or 3) is the binding task (`sorabench/data/binding.py`): distinct colours, per-object attributes,
+unseen pairings as a second held-out level, swapped-binding twins in val/test/unseen.
 
 Everything is a pure function of (config, split): parameters for all clips are drawn at once from one seeded
 torch.Generator, and rendering is vectorised over clips, frames and pixels, so the same seed gives bit-identical
@@ -96,6 +98,7 @@ class ShapesConfig:
     speed: dict[str, float] = field(default_factory=lambda: dict(SPEED))  # {slow, fast}: pixels/frame at 32x32
     synonyms: bool = True  # captions draw each attribute's word from several synonyms (False: canonical words)
     position_range: float = 0.25  # starts span this centred share of where the path fits (0: centred; 1: anywhere)
+    holdout_pair_fraction: float = 0.15  # binding task (num_objects > 1): share of pairs of seen descriptions held out
     seed: int = 0
 
     def __post_init__(self):
@@ -104,8 +107,10 @@ class ShapesConfig:
         for name in ("num_frames", "height", "width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
-        if self.num_objects not in (1, 2):
-            raise ConfigError(f"data.num_objects={self.num_objects} must be 1 or 2")
+        if self.num_objects not in (1, 2, 3):
+            raise ConfigError(f"data.num_objects={self.num_objects} must be 1, 2 or 3 (the binding task: 2 or 3)")
+        if not 0.0 < self.holdout_pair_fraction < 1.0:
+            raise ConfigError(f"data.holdout_pair_fraction={self.holdout_pair_fraction} must be in (0, 1)")
         if not 0.0 <= self.position_range <= 1.0:
             raise ConfigError(f"data.position_range={self.position_range} must be in [0, 1]")
         if not 0.0 < self.holdout_fraction < 1.0:
@@ -237,7 +242,11 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
     background = torch.tensor(cfg.background, dtype=torch.float32).view(1, 3, 1, 1, 1)
     video = background.expand(n, 3, T, H, W).clone()
-    for obj in range(n_obj):  # later objects are drawn over earlier ones
+    # Several objects: all large ones first, then the small ones over them, so a small object is never hidden
+    # behind a large one; objects of one size are drawn in object order. Colours are distinct within a clip.
+    passes = [(obj, None) for obj in range(n_obj)] if n_obj == 1 else \
+        [(obj, size) for size in reversed(range(len(ATTRIBUTES["size"]))) for obj in range(n_obj)]
+    for obj, size in passes:
         coverage = torch.empty(n, T, H, W)
         for shape_id, sdf_fn in enumerate(_SDFS):  # one SDF per clip: evaluate each shape only where it is drawn
             idx = (labels[:, obj, 1] == shape_id).nonzero().squeeze(1)
@@ -246,6 +255,8 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
             dy = ys - c[..., 1, None, None]
             sdf = sdf_fn(dx, dy, radius[idx, obj].view(-1, 1, 1, 1))
             coverage[idx] = sdf.neg_().add_(0.5).clamp_(0.0, 1.0)  # one-pixel anti-aliasing ramp
+        if size is not None:  # this pass draws only the objects of this size
+            coverage *= (labels[:, obj, 2] == size).view(n, 1, 1, 1)
         colour = RGB[labels[:, obj, 0]].view(n, 3, 1, 1, 1)
         video.lerp_(colour.expand_as(video), coverage[:, None])
     if cfg.noise_std > 0:
@@ -255,19 +266,45 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, g: torch.Generator) -> torch
 
 @dataclass
 class ShapesSplit:
-    """A rendered split: videos uint8 (n, 3, T, H, W), labels (n, num_objects, 5), unseen (n,), captions."""
+    """A rendered split: videos uint8 (n, 3, T, H, W), labels (n, num_objects, 5), unseen (n,), captions; with
+    several objects also `unseen_pair` (n,) and `twin` (n,: the index of the swapped-binding twin, -1 for none)."""
 
     videos: torch.Tensor
     labels: torch.Tensor
     unseen: torch.Tensor
     captions: list[str]
+    unseen_pair: torch.Tensor | None = None
+    twin: torch.Tensor | None = None
+
+
+def clause_for(obj_labels: list[int], template: int, picks: list[int], synonyms: bool = True) -> str:
+    """One object's clause from draws made elsewhere (the binding task's twins share them): a template and, per
+    attribute, a synonym (each taken modulo its list; synonyms=False: the canonical word)."""
+    words = {}
+    for attr, idx, pick in zip(ATTRIBUTE_NAMES, obj_labels, picks):
+        options = SYNONYMS[attr][ATTRIBUTES[attr][idx]]
+        words[attr] = options[pick % len(options) if synonyms else 0]
+    return TEMPLATES[template % len(TEMPLATES)].format(**words)
+
+
+def split_labels(cfg: ShapesConfig, split: str, g: torch.Generator) -> tuple[dict, list[str]]:
+    """The labels and flags of a split and its captions, drawn from `g` before any rendering."""
+    n = cfg.split_sizes.get(split, 0)
+    if cfg.num_objects == 1:
+        labels, unseen = sample_labels(cfg, split, n, g)
+        return {"labels": labels, "unseen": unseen}, [caption_for(labels[i], g, cfg.synonyms) for i in range(n)]
+    from sorabench.data.binding import binding_captions, sample_binding_labels
+
+    info = sample_binding_labels(cfg, split, n, g, heldout_triples(cfg), [len(v) for v in ATTRIBUTES.values()])
+    captions = binding_captions(info["labels"], info["twin"], info["swapped"], g,
+                                lambda obj, template, picks: clause_for(obj, template, picks, cfg.synonyms))
+    return info, captions
 
 
 def split_captions(cfg: ShapesConfig, split: str) -> list[str]:
     """The captions of `make_split(cfg, split)` without rendering the videos (same generator, drawn first)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_IDS[split])
-    labels, _ = sample_labels(cfg, split, cfg.split_sizes.get(split, 0), g)
-    return [caption_for(labels[i], g, cfg.synonyms) for i in range(len(labels))]
+    return split_labels(cfg, split, g)[1]
 
 
 def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
@@ -275,12 +312,12 @@ def make_split(cfg: ShapesConfig, split: str, chunk: int = 1024) -> ShapesSplit:
         raise ValueError(f"unknown shapes split {split!r}; expected one of {sorted(SPLIT_IDS)}")
     n = cfg.split_sizes.get(split, 0)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + SPLIT_IDS[split])
-    labels, unseen = sample_labels(cfg, split, n, g)
-    captions = [caption_for(labels[i], g, cfg.synonyms) for i in range(n)]
+    info, captions = split_labels(cfg, split, g)
+    labels, unseen = info["labels"], info["unseen"]
     # Render in chunks to bound the float intermediates (n_obj x T x H x W per clip).
     videos = [render(cfg, labels[i : i + chunk], g) for i in range(0, n, chunk)]
     videos = torch.cat(videos) if videos else torch.empty(0, 3, cfg.num_frames, cfg.height, cfg.width, dtype=torch.uint8)
-    return ShapesSplit(videos, labels, unseen, captions)
+    return ShapesSplit(videos, labels, unseen, captions, info.get("unseen_pair"), info.get("twin"))
 
 
 @register("shapes")
@@ -298,9 +335,12 @@ class ShapesDataset(VideoDataset):
         return len(self.data.captions)
 
     def __getitem__(self, i: int) -> dict:
-        return {
+        item = {
             "video": self.data.videos[i].float() / 127.5 - 1.0,
             "caption": self.data.captions[i],
             "labels": self.data.labels[i, 0],
             "unseen": self.data.unseen[i],
         }
+        if self.cfg.num_objects > 1:  # the binding task: every object's labels, both held-out levels, the twin
+            item.update(labels=self.data.labels[i], unseen_pair=self.data.unseen_pair[i], twin=self.data.twin[i])
+        return item

@@ -41,10 +41,16 @@ console = Console(soft_wrap=True)
 CLIP_STARTS = ("first", "center", "random")
 
 
+BINDING_NOT_SCORED = ("the binding task's data is built (sorabench/data/binding.py) but its per-object evaluator "
+                      "and metrics are not yet: train it with evaluate.enabled=false")
+
+
 def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     """Reject a metrics config that cannot work, before anything is rendered, trained or sampled. `data_clips`:
     the clips come from `cfg.data` (not from two folders, whose files `check_lengths` checks)."""
     m = cfg.metrics
+    require(not data_clips or int(cfg.data.get("num_objects", 1)) == 1, "data.num_objects",
+            cfg.data.get("num_objects"), BINDING_NOT_SCORED)
     require(int(m.num_frames) >= 1, "metrics.num_frames", m.num_frames, "must be >= 1")
     require(int(m.frame_stride) >= 1, "metrics.frame_stride", m.frame_stride, "must be >= 1")
     require(m.get("clip_start", "first") in CLIP_STARTS, "metrics.clip_start", m.get("clip_start"),

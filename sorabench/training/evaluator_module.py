@@ -106,6 +106,8 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
     attributes = attribute_schema(data)  # one head per attribute of the dataset's label schema
     require(bool(attributes), "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
+    require(int(data.get("num_objects", 1)) == 1, "data.num_objects", data.get("num_objects"),
+            "the evaluator reads one object; the binding task's per-object evaluator is not built yet")
     L.seed_everything(cfg.seed, workers=True)
     module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
     logger = make_logger(cfg)
