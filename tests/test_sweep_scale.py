@@ -77,7 +77,9 @@ class FakeTrain:
             if not (run_dir / RUN_ID_FILE).is_file():
                 exp = client.get_experiment_by_name(cfg.mlflow.experiment)
                 run = client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": parent_run_id,
-                                                                 "mlflow.runName": cfg.name, **(tags or {})})
+                                                                 "mlflow.runName": cfg.name, **(tags or {}),
+                                                                 # train's own tag (training/commands.py)
+                                                                 "sorabench.strategy": str(cfg.conditioning.name)})
                 (run_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
             run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
             client.set_terminated(run_id, "FINISHED")  # what Lightning's logger does when fit ends
