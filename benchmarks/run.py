@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     harness.configure(args.device, args.precision)
     from peers import PEER_SIZES, bench_peer_sampling, bench_peer_training
+    from precision import bench_precision
     from scaling import SCALING_SIZES, bench_fvd_features, bench_scaling
     from stacked import bench_stacked_seeds
 
@@ -533,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         12: ("end-to-end ablation", lambda: bench_end_to_end(sizes)),
         13: ("grid throughput: one trial at a time vs local workers", lambda: bench_grid_workers(sizes)),
         14: ("stacked seeds: K models as one vmapped model vs one after another", lambda: bench_stacked_seeds(sizes)),
+        15: ("bf16 vs fp32: auto's decision, matmuls, train steps, sampling, per-op profile",
+             lambda: bench_precision(mode)),
     }
     chosen = sorted(stages) if args.only is None else sorted(int(x) for x in args.only.split(","))
     chosen = sorted({*chosen, *([2] if 3 in chosen else []), *([4] if 6 in chosen else [])})

@@ -65,5 +65,5 @@ class TextToVideo:
         videos = []
         for i in range(0, len(captions), batch_size):
             latents = self.sample_latents(captions[i : i + batch_size], steps, guidance_scale, seed + i)
-            videos.append(self.vae.decode_latents(latents).clamp(-1, 1))
+            videos.append(self.vae.decode_latents(latents).clamp(-1, 1).float())  # fp32 under bf16 autocast too
         return torch.cat(videos)

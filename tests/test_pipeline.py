@@ -12,6 +12,7 @@ import torch
 
 from sorabench.cli import main
 from sorabench.config import compose_config
+from sorabench.precision import resolve
 from sorabench.training.commands import train
 
 
@@ -36,8 +37,16 @@ def test_train_logs_everything_and_reuses_shared_assets(tiny_overrides, tmp_path
     # A second strategy reuses the VAE, the evaluator and the latent caches instead of training/encoding again.
     outputs = Path(cfg.outputs)
     before = {p: p.stat().st_mtime for p in (outputs / "cache" / "latents").iterdir()}
-    cfg_b = compose_config("train", [*tiny_overrides, "name=b", "conditioning=in_context"], command="train")
-    train(cfg_b)
+    # ... and trains in bf16 (Lightning's autocast with clipping and fused AdamW), tagged so that no report pools it
+    # with the fp32 run
+    cfg_b = compose_config("train", [*tiny_overrides, "name=b", "conditioning=in_context",
+                                     "trainer.precision=bf16-mixed"], command="train")
+    run_b = client.get_run(train(cfg_b)["run_id"])
+    assert run_b.data.tags["sorabench.precision"] == run_b.data.tags["eval.protocol.precision"] == "bf16-mixed"
+    assert run_b.data.params["trainer.precision"] == "bf16-mixed"
+    auto = resolve("auto", "cpu").precision  # what run a's `auto` became on this machine
+    assert run.data.tags["sorabench.precision"] == run.data.tags["eval.protocol.precision"] == auto
+    assert run.data.params["trainer.precision"] == auto
     assert len(list((outputs / "train_vae").iterdir())) == 1 and len(list((outputs / "train_evaluator").iterdir())) == 1
     assert {p: p.stat().st_mtime for p in (outputs / "cache" / "latents").iterdir()} == before
 

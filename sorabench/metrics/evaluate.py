@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from sorabench.metrics.alignment import alignment_from_logits
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance  # noqa: F401 - registers fvd, fid and kid
 from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
+from sorabench.precision import autocast, resolve
 from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
 from sorabench.training.runs import load_pipeline
 
@@ -300,6 +300,37 @@ def axis_splits(data_cfg: dict, m: DictConfig, dataset, prompts: dict) -> list:
     return splits
 
 
+def eval_precision(cfg: DictConfig) -> str:
+    """The precision evaluation samples and scores in: the run's (`trainer.precision`, pinned by train), `auto`
+    resolved the same way where a command did not pin it (`sorabench.precision`); a protocol field."""
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision == "auto":
+        precision = resolve(precision, str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))).precision
+    return precision
+
+
+def evaluate_seed(pipeline, m: DictConfig, seed: int, prompts: dict, dataset, nets, evaluator, scales, splits,
+                  k: int, data_cfg: dict) -> dict[str, float]:
+    """One evaluation seed: sample `n_samples` clips batch by batch, score them against real clips; the guidance
+    axis on the first k clips when asked. Returns (scores, metric -> higher is better, guidance-axis seconds)."""
+    n, bs = int(m.n_samples), int(m.batch_size)
+    labels, unseen = prompts["labels"], prompts["unseen"]
+    # sample_videos seeds batch i with seed + i, so batch-by-batch sampling draws the same clips as one call.
+    fake = (take_clips(pipeline.sample_videos(prompts["caption"][i : i + bs], steps=int(m.sample_steps),
+                                            guidance_scale=float(m.cfg), seed=seed + i, batch_size=bs).cpu(), m)
+            for i in range(0, n, bs))
+    fields = protocol_fields(m, nets[0], data_cfg, seed)
+    kept = []  # the first k clips at the default scale, reused by the guidance axis
+    if scales:
+        fake = (kept.append(video[: k - sum(map(len, kept))]) or video for video in fake)
+    scored, ranked = evaluate_videos(fake, lambda: real_batches(dataset, m, int(m.n_real), seed),
+                                     m, nets, evaluator, fields, labels, unseen)
+    t_axis = time.time()
+    if scales:
+        scored.update(guidance_axis(pipeline, m, scales, seed, splits, torch.cat(kept), nets, evaluator, data_cfg))
+    return scored, ranked, time.time() - t_axis
+
+
 def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> dict[str, float]:
     """Sample `metrics.n_samples` clips per seed with `pipeline` (`sorabench.pipeline.TextToVideo`) and score them;
     logs eval/* and the protocol.
@@ -313,7 +344,7 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if attribute_schema(data_cfg) else None
     nets = build_feature_networks(to_container(m), evaluator)
     dataset = build_dataset(data_cfg, m.real_split, train=False)
-    n, bs = int(m.n_samples), int(m.batch_size)
+    n = int(m.n_samples)
     require(len(dataset) >= max(m.n_real, n), "metrics.n_real/n_samples", (m.n_real, n),
             f"the {m.real_split} split has only {len(dataset)} clips")
     prompts = eval_prompts(dataset, n)
@@ -321,40 +352,31 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     splits = axis_splits(data_cfg, m, dataset, prompts) if scales else []
     k = int(m.get("guidance_n_samples") or n)
     per_seed, axis_seconds, ranked = [], 0.0, {}
+    precision = eval_precision(cfg)
     t0 = time.time()
-    for s in range(int(m.num_seeds)):
-        seed = int(m.seed) + s
-        # sample_videos seeds batch i with seed + i, so batch-by-batch sampling draws the same clips as one call.
-        fake = (take_clips(pipeline.sample_videos(prompts["caption"][i : i + bs], steps=int(m.sample_steps),
-                                                guidance_scale=float(m.cfg), seed=seed + i, batch_size=bs).cpu(), m)
-                for i in range(0, n, bs))
-        fields = protocol_fields(m, nets[0], data_cfg, seed)
-        kept = []  # the first k clips at the default scale, reused by the guidance axis
-        if scales:
-            fake = (kept.append(video[: k - sum(map(len, kept))]) or video for video in fake)
-        scored, ranked = evaluate_videos(fake, lambda seed=seed: real_batches(dataset, m, int(m.n_real), seed),
-                                         m, nets, evaluator, fields, labels, unseen)
-        per_seed.append(scored)
-        if scales:
-            t_axis = time.time()
-            per_seed[-1].update(guidance_axis(pipeline, m, scales, seed, splits, torch.cat(kept), nets, evaluator,
-                                              data_cfg))
-            axis_seconds += time.time() - t_axis
+    with autocast(precision, pipeline.device):  # sampling and the feature nets; statistics stay float64
+        for s in range(int(m.num_seeds)):
+            scored, ranked, seconds = evaluate_seed(pipeline, m, int(m.seed) + s, prompts, dataset, nets, evaluator,
+                                                    scales, splits, k, data_cfg)
+            per_seed.append(scored)
+            axis_seconds += seconds
+        if evaluator is not None:
+            references = reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
+                                          pipeline.vae)
     metrics = {key: sum(r[key] for r in per_seed) / len(per_seed) for key in per_seed[0]}
     if scales:
         metrics["time/guidance_axis_seconds"] = axis_seconds
     if len(per_seed) > 1 and "eval/fvd" in per_seed[0]:
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
     if evaluator is not None:
-        metrics.update(reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
-                                        pipeline.vae))
+        metrics.update(references)
     metrics["time/eval_seconds"] = time.time() - t0
     if logger is not None:
         logger.log_metrics(metrics, step=step)
         fields = protocol_fields(m, nets[0], data_cfg, int(m.seed))
         protocol = {f"eval.protocol.{k}": str(v) for k, v in fields.items()}
         protocol.update({"eval.protocol.num_seeds": str(m.num_seeds), "eval.protocol.cfg": str(m.cfg),
-                         "eval.protocol.sample_steps": str(m.sample_steps),
+                         "eval.protocol.sample_steps": str(m.sample_steps), "eval.protocol.precision": precision,
                          "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                          "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
         # the label schema, in the dataset's order: the report's attribute tables follow it
@@ -454,12 +476,11 @@ def evaluation_logger(cfg: DictConfig, run_dir: Path):
     itself: this evaluation's protocol (samples, guidance, evaluator budget) may differ from the one the run was
     trained and scored under, and its numbers must not replace the run's; a study's report reads only trial runs.
     Rerunning with the same `name=` continues the same evaluation run. None without MLflow or a run."""
-    from sorabench.tracking import RUN_ID_FILE, make_logger
+    from sorabench.tracking import make_logger, read_run_id
 
-    id_file = run_dir / RUN_ID_FILE
-    if not cfg.mlflow.enabled or not id_file.is_file():
+    run_info = read_run_id(run_dir) if cfg.mlflow.enabled else None
+    if run_info is None:
         return None
-    run_info = json.loads(id_file.read_text())
     with open_dict(cfg):
         cfg.run_dir = str(run_dir / "evaluate" / str(cfg.name))
         cfg.mlflow.experiment, cfg.mlflow.run_name = run_info["experiment"], f"evaluate-{cfg.name}"

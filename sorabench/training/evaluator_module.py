@@ -29,7 +29,7 @@ from sorabench.training.runs import (
     train_shared_asset,
     write_result,
 )
-from sorabench.training.trainer import build_trainer, fit, last_checkpoint, lr_schedule
+from sorabench.training.trainer import build_trainer, fit, last_checkpoint, lr_schedule, pin_precision
 
 console = Console(soft_wrap=True)
 EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size")
@@ -110,6 +110,7 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
             "the evaluator reads one object; the binding task's per-object evaluator is not built yet")
     L.seed_everything(cfg.seed, workers=True)
     module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
+    pin_precision(cfg)
     logger = make_logger(cfg)
     trainer = build_trainer(cfg, logger, [TagCheckpointKind("evaluator")], monitor="val/acc/all", mode="max")
     t0 = time.time()

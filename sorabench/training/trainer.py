@@ -3,14 +3,14 @@
 - `last.ckpt` is rewritten every `trainer.checkpoint_every_n_steps` steps and at the end, always atomically
   (written to a temporary file, then renamed), so a run killed mid-write never leaves a half-written checkpoint.
 - Running the same command again finds `<run_dir>/checkpoints/last.ckpt` and resumes from it.
-- precision `auto`: fp32 on CPU (bf16 matmuls are far slower on these CPUs: benchmarks/RESULTS.md), bf16-mixed on GPU.
+- precision `auto` is resolved once per command by `pin_precision` (`sorabench/precision.py`: bf16-mixed on a GPU,
+  on a CPU only where bf16 measurably beats fp32), written back into the config and printed.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -150,11 +150,19 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+def pin_precision(cfg: DictConfig, quiet: bool = False) -> str:
+    """Resolve `cfg.trainer.precision` (`auto` -> what this machine runs best, `sorabench.precision.resolve`) and
+    write it back, so that the logged params, the protocol tags and every later step see one value; printed."""
+    from omegaconf import open_dict
+
+    from sorabench.precision import resolve
+
+    resolved = resolve(cfg.trainer.precision, cfg.trainer.accelerator)
+    with open_dict(cfg):
+        cfg.trainer.precision = resolved.precision
+    if not quiet and resolved.reason != "set in the config":
+        print(f"precision: {resolved}", flush=True)
+    return resolved.precision
 
 
 def build_trainer(
@@ -165,6 +173,9 @@ def build_trainer(
     mode: str = "min",
 ) -> L.Trainer:
     """A Trainer from `cfg.trainer`, checkpointing into `<run_dir>/checkpoints` (last + best by `monitor`)."""
+    from sorabench.precision import trainer_precision
+
+    precision, precision_plugins = trainer_precision(pin_precision(cfg, quiet=True), cfg.trainer.accelerator)
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir(cfg.run_dir),
@@ -187,7 +198,7 @@ def build_trainer(
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
+        precision=precision,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
         val_check_interval=val_every,
@@ -201,7 +212,7 @@ def build_trainer(
         enable_progress_bar=bool(t.progress_bar),
         enable_model_summary=False,
         default_root_dir=cfg.run_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *precision_plugins],
     )
 
 
