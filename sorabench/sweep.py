@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from rich.console import Console
@@ -382,6 +382,21 @@ def share_study_view(cfg: DictConfig, sweep: dict, parent_run_id: str | None) ->
     return {name: experiment_url(cfg.mlflow.tracking_uri, experiment_id, view=key) for name, key in views.items()}
 
 
+PRECISION_ATTR = "sorabench.precision"
+
+
+def pin_study_precision(study: optuna.Study, check_cfg: DictConfig) -> str:
+    """`trainer.precision: auto` resolved once per study (by whoever creates it) and kept in the study, so that every
+    trial, worker and rerun computes in one precision, and the report can pool them (`sorabench.precision`)."""
+    from sorabench.precision import resolve
+
+    if PRECISION_ATTR not in study.user_attrs:
+        resolved = resolve(check_cfg.trainer.precision, check_cfg.trainer.accelerator)
+        study.set_user_attr(PRECISION_ATTR, resolved.precision)
+        console.print(f"precision of every trial: {resolved}", markup=False, highlight=False)
+    return study.user_attrs[PRECISION_ATTR]
+
+
 def trial_config(cfg: DictConfig, sweep: dict, values: dict, name: str) -> DictConfig:
     overrides = [*(sweep.get("fixed") or []), *(cfg.overrides or [])]
     overrides += [f"{k}={v}" for k, v in values.items()]
@@ -418,6 +433,9 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp:
             record_cell_params(trial, values, sweep)
         name = run_name(cfg.study, values, sweep, trial)
         tcfg = trial_config(cfg, sweep, values, name)
+        if tcfg.trainer.precision == "auto":  # the study's, resolved once (pin_study_precision)
+            with open_dict(tcfg):
+                tcfg.trainer.precision = trial.study.user_attrs.get(PRECISION_ATTR, "auto")
         trial.set_user_attr("run_name", name)
         trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
         if "failure_reason" in trial.user_attrs:  # a retry starts clean (the failed trial keeps its reason)
@@ -431,7 +449,7 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp:
         tags = {"optuna.study": cfg.study, "optuna.trial_number": str(trial.number)}  # `train` tags the strategy
         console.rule(f"trial {trial.number}: {name}")
         if ddp:
-            DDPFollower.announce({"values": values, "name": name})
+            DDPFollower.announce({"values": values, "name": name, "precision": str(tcfg.trainer.precision)})
         try:
             result = train(tcfg, parent_run_id=parent_run_id, callbacks=callbacks, tags=tags, trial=trial)
         except optuna.TrialPruned as e:
@@ -473,15 +491,15 @@ def make_objective(cfg: DictConfig, sweep: dict, parent_run_id: str | None, ddp:
 
 def mark_run(tcfg: DictConfig, state: str, reason: str | None):
     """Record the Optuna state (and a failure reason) on the trial's MLflow child run."""
-    from sorabench.tracking import RUN_ID_FILE
+    from sorabench.tracking import read_run_id
 
-    id_file = Path(tcfg.run_dir) / RUN_ID_FILE
-    if not tcfg.mlflow.enabled or not id_file.is_file():
+    recorded = read_run_id(tcfg.run_dir) if tcfg.mlflow.enabled else None
+    if recorded is None:
         return
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tcfg.mlflow.tracking_uri)
-    run_id = json.loads(id_file.read_text())["run_id"]
+    run_id = recorded["run_id"]
     client.set_tag(run_id, "optuna.state", state)
     client.set_tag(run_id, "failure_reason", (reason or "")[:5000])  # a resumed, completed run clears the old one
     status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
@@ -611,10 +629,17 @@ class DDPFollower:
         from sorabench.training.commands import train
 
         while not (message := cls.receive()).get("stop"):
+            tcfg = trial_config(cfg, sweep, message["values"], message["name"])
+            with open_dict(tcfg):
+                tcfg.trainer.precision = message.get("precision", tcfg.trainer.precision)  # rank 0's, resolved
             try:
-                train(trial_config(cfg, sweep, message["values"], message["name"]))
-            except Exception as e:  # rank 0 records the failure; exiting would make the launcher kill rank 0
-                console.print(f"[red]DDP rank {os.environ.get('LOCAL_RANK')}: {message['name']} failed: {e}")
+                train(tcfg)
+            except Exception as e:
+                # Exit rather than wait for the next message: rank 0 is inside a collective of this trial's fit,
+                # and only a closed peer makes it fail now instead of at the backend's timeout (minutes).
+                console.print(f"[red]DDP rank {os.environ.get('LOCAL_RANK')}: {message['name']} failed: {e}; this "
+                              "rank exits so that rank 0 fails the trial now")
+                return 1
         return 0
 
 
@@ -625,6 +650,7 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     require(sweep.get("mode") in ("grid", "search"), "sweep.mode", sweep.get("mode"), "must be grid or search")
     parse_space(sweep)
     target = target_trials(cfg, sweep)
+    worker_threads(cfg)  # workers= / threads= checked now, not after the shared VAE has trained
     # Compose one trial's config up front: a typo in the sweep YAML or overrides fails now, not after hours.
     probe = grid_space(sweep) if sweep["mode"] == "grid" else {}
     first = {k: v[0] for k, v in probe.items()}
@@ -647,6 +673,7 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
         reruns, new = schedule(study, sweep, target if sweep["mode"] == "grid" else None)
         parent_run_id = ensure_parent_run(cfg, study)
         views = share_study_view(cfg, sweep, parent_run_id)
+        pin_study_precision(study, check_cfg)
     console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
                   f"cells and {reruns} reruns of interrupted trials")
     if views:

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from sorabench.config import ConfigError, flatten, to_container
+from sorabench.files import atomic_write_text
 
 RUN_ID_FILE = "mlflow_run.json"
 # MLflow 3's UI opens an experiment by its kind tag; untagged, sorabench's open in the GenAI view (traces, sessions).
@@ -33,6 +34,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # (what the UI's "Share" button writes): the columns, sort order and expanded rows a reader sees first.
 SHARED_VIEW_TAG, SHARED_VIEW_KEY = "mlflow.sharedViewState.", "sorabench"
 NAME_TAG = "sorabench.name"  # a run's `name` (its run directory under outputs/), unique where run names are short
+PRECISION_TAG = "sorabench.precision"  # what the run computed in (trainer.precision after `auto` was resolved)
 
 
 def tag_experiment_kind(client, experiment_id: str):
@@ -144,9 +146,12 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / RUN_ID_FILE
-    fresh = not id_file.is_file()
-    run_id = None if fresh else json.loads(id_file.read_text())["run_id"]
+    recorded = read_run_id(run_dir)
+    fresh = recorded is None
+    run_id = None if fresh else recorded["run_id"]
     all_tags = {"command": cfg.command, "git_commit": git_commit(), NAME_TAG: str(cfg.name), **(tags or {})}
+    if "trainer" in cfg:  # resolved by the command before it opens the run (training/trainer.py: pin_precision)
+        all_tags[PRECISION_TAG] = str(cfg.trainer.precision)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:  # killed between creating the run and writing id_file: continue that run, not a twin
@@ -160,10 +165,28 @@ def make_logger(cfg: DictConfig, tags: dict | None = None, parent_run_id: str | 
         artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.mlflow.experiment}",
     )
     if fresh:  # logger.run_id creates the run: record it before anything else can be interrupted
-        id_file.write_text(json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))
+        atomic_write_text(id_file, json.dumps({"run_id": logger.run_id, "experiment": cfg.mlflow.experiment}))
         log_config(logger, cfg)
     tag_experiment_kind(logger.experiment, logger.experiment_id)
     return logger
+
+
+def read_run_id(run_dir: str | Path) -> dict | None:
+    """The run directory's mlflow_run.json ({run_id, experiment}), or None if there is none. The file is written
+    atomically, but one torn by an older version or a broken disk must not block every resume: it is reported in
+    one line and treated as absent (a sweep's child is then found again by name: `orphan_child_run`)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+        if isinstance(recorded, dict) and isinstance(recorded.get("run_id"), str):
+            return recorded
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    warnings.warn(f"{path}: unreadable (torn write?); ignored, the run is looked up again or started anew",
+                  stacklevel=2)
+    return None
 
 
 def orphan_child_run(cfg: DictConfig, parent_run_id: str) -> str | None:
@@ -189,7 +212,7 @@ def log_config(logger, cfg: DictConfig):
     params = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(to_container(cfg)).items()}
     logger.log_hyperparams(params)
     path = Path(cfg.run_dir) / "config.yaml"
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
     logger.experiment.log_artifact(logger.run_id, str(path))
     logger.experiment.set_tag(logger.run_id, "package_versions", json.dumps(package_versions()))
 

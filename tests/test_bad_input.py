@@ -314,6 +314,15 @@ def test_uncreatable_database_folder_names_the_key(tmp_path, override, key):
     assert err.startswith(f"error: {key}=") and "/proc/nope" in err
 
 
+def test_sweep_with_no_workers_fails_before_anything_is_trained(tmp_path, capsys):
+    from sorabench.cli import main
+
+    assert main(["sweep", f"outputs={tmp_path}", "workers=0", "mlflow.enabled=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: workers=0"), err
+    assert not (tmp_path / "train_vae").exists() and not (tmp_path / "optuna.db").exists()
+
+
 # ---- found on the way: `encode vae=<ckpt>` could not work (`vae` is a config group) -----------------------------
 
 

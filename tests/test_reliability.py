@@ -47,6 +47,9 @@ def one_line_error(capsys) -> str:
         ("sample.guidance_scale=-2", "guidance_scale"),
         ("caption_dropout=1.5", "caption_dropout"),
         ("data.bogus=1", "bogus"),
+        ("trainer.precision=fp8", "trainer.precision=fp8: must be one of auto, "),
+        ("conditioning=mmdit conditioning.timestep=bogus", "conditioning.timestep='bogus'"),
+        ("budget=flops budget_reference=nonexistent", "budget_reference='nonexistent'"),
     ],
 )
 def test_bad_values_fail_before_training(tiny_overrides, capsys, override, culprit):
@@ -218,3 +221,22 @@ def test_nan_loss_fails_only_that_trial_with_its_reason(tmp_path, monkeypatch):
                               filter_string="tags.`sorabench.strategy` = 'in_context'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "loss is nan" in runs[0].data.tags["failure_reason"]
+
+
+def test_a_torn_run_id_file_never_blocks_a_resume(tmp_path):
+    """mlflow_run.json is written atomically; one torn by a crash of an older version (or a broken disk) is
+    reported and ignored, so the rerun opens (or, in a sweep, finds again by name) its MLflow run instead of failing
+    on a JSONDecodeError at every resume."""
+    from sorabench.tracking import RUN_ID_FILE, make_logger, read_run_id
+
+    cfg = compose_config("train", [f"outputs={tmp_path}", "name=torn", *TINY], command="train")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_ID_FILE).write_text('{"run_id": "3f2a')  # cut mid-write
+    with pytest.warns(UserWarning, match=f"{RUN_ID_FILE}: unreadable"):
+        assert read_run_id(run_dir) is None
+    with pytest.warns(UserWarning, match="unreadable"):
+        logger = make_logger(cfg)
+    recorded = json.loads((run_dir / RUN_ID_FILE).read_text())  # rewritten whole, naming the new run
+    assert recorded["run_id"] == logger.run_id and read_run_id(run_dir) == recorded
+    assert not list(run_dir.glob("*.tmp*"))  # the atomic write left no temporary file behind

@@ -43,7 +43,7 @@ from sorabench.training.runs import (
     train_shared_asset,
     write_result,
 )
-from sorabench.training.trainer import EMA, SeedPerRank, build_trainer, fit, last_checkpoint
+from sorabench.training.trainer import EMA, SeedPerRank, build_trainer, fit, last_checkpoint, pin_precision
 from sorabench.training.vae_module import VAEModule
 
 console = Console()
@@ -92,6 +92,7 @@ def run_vae_training(cfg: DictConfig) -> Path:
         write_result(run_dir, {"ckpt": str(ckpt), "metrics": {}, "scale_factor": 1.0, "train_seconds": 0.0})
         return ckpt
     require(cfg.vae.lr > 0, "vae.lr", cfg.vae.lr, "must be > 0")
+    pin_precision(cfg)
     logger = make_logger(cfg)
     callbacks = [TagCheckpointKind("vae"), SkippedSamplesReport()]
     trainer = build_trainer(cfg, logger, callbacks, monitor="val/psnr", mode="max")
@@ -159,6 +160,9 @@ def validate_train_config(cfg: DictConfig):
     require(cfg.get("budget", "steps") in ("steps", "flops"), "budget", cfg.get("budget"), "must be steps or flops")
     require(cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps", cfg.trainer.max_steps,
             "must be > 0")
+    from sorabench.precision import check_precision
+
+    check_precision(cfg.trainer.precision)
     if evaluating(cfg):
         from sorabench.metrics.evaluate import check_guidance_axis, check_metrics_config
 
@@ -181,6 +185,18 @@ def validate_train_config(cfg: DictConfig):
         check_patch_size(latent[1:], tuple(cfg.dit.patch_size))
     except ValueError as e:
         raise ConfigError(f"dit.patch_size={list(cfg.dit.patch_size)}: {e}") from e
+    # The DiT itself, built once on that latent (milliseconds): a bad strategy option (conditioning.timestep=bogus)
+    # fails here, before the shared VAE trains, not minutes later.
+    try:
+        build_dit_module(cfg, latent, vocab=None, vae_ckpt=None)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"conditioning={cfg.conditioning.name} / dit: {e}") from e
+    if cfg.get("budget") == "flops":
+        from sorabench.config import CONF_DIR
+
+        ref = cfg.get("budget_reference")
+        require((CONF_DIR / "conditioning" / f"{ref}.yaml").is_file(), "budget_reference", ref,
+                "names no conditioning (conf/conditioning/<name>.yaml)")
     if cfg.mlflow.enabled:  # last: the only check that may reach out to a server
         check_tracking_uri(cfg.mlflow.tracking_uri)
 
@@ -223,6 +239,7 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     if finished_result(run_dir):
         console.print(f"{run_dir} already finished; reusing its result")
         return finished_result(run_dir)
+    pin_precision(cfg)  # printed, logged as a param and tagged; the shared VAE and evaluator resolve their own
     L.seed_everything(cfg.seed, workers=True)
     vae_ckpt = ensure_vae(cfg)
     vae = load_vae(vae_ckpt)
