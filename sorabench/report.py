@@ -639,9 +639,11 @@ def fmt_ci(mean, ci, bounds: tuple[float, float] | None = None) -> str:
 
 
 def metric_bounds(metric: str) -> tuple[float, float] | None:
-    """The range a metric can take, where it has one: accuracies (eval/acc_*, eval/*_acc_*) lie in [0, 1]."""
+    """The range a metric can take, where it has one: accuracies (eval/acc_*, eval/*_acc_*) and binding scores
+    (eval/bind_*, eval/*_bind_*: shares of objects, clips or twin pairs) lie in [0, 1]."""
     base = str(metric).rsplit("/", 1)[-1]
-    return (0.0, 1.0) if base.startswith("acc") or "_acc_" in base or base.startswith("chance") else None
+    shares = ("acc", "chance", "bind")
+    return (0.0, 1.0) if base.startswith(shares) or "_acc_" in base or "_bind_" in base else None
 
 
 def fmt_p(p) -> str:
@@ -1148,7 +1150,8 @@ def check_protocols(runs: pd.DataFrame, keys: list[str]) -> str:
 
 
 # Logged on the study's parent run per row (`summary/<row>/<metric>`, the mean over seeds), beside the headline.
-SUMMARY_METRICS = ["eval/acc_all", "eval/acc_seen", "eval/acc_unseen", "eval/fvd", "eval/fid", "val/loss"]
+SUMMARY_METRICS = ["eval/acc_all", "eval/acc_seen", "eval/acc_unseen", "eval/bind_all", "eval/bind_twins", "eval/fvd",
+                   "eval/fid", "val/loss"]
 
 
 def log_summary_metrics(client, run_id: str, summary: pd.DataFrame, metrics: list[str]):

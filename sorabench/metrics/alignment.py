@@ -159,8 +159,9 @@ class Alignment(Metric):
     @classmethod
     def from_setup(cls, setup: EvalSetup) -> Alignment | None:
         labels = setup.labels
-        if setup.evaluator is None or labels is None or not labels.shape[1] or not bool((labels >= 0).all()):
-            return None  # no attribute labels to follow (a folder of videos, or unlabelled prompts)
+        if setup.evaluator is None or labels is None or labels.dim() != 2 or not labels.shape[1] \
+                or not bool((labels >= 0).all()):
+            return None  # no attribute labels to follow (a folder, unlabelled prompts), or several objects: `binding`
         return cls(setup.evaluator, labels, setup.unseen)
 
     def update(self, videos: torch.Tensor, real: bool) -> None:

@@ -25,6 +25,7 @@ from rich.table import Table
 from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import attribute_schema, build_dataset, clip_fields
 from sorabench.metrics.alignment import alignment_from_logits
+from sorabench.metrics.binding import binding_scores, read_objects  # noqa: F401 - also registers `binding`
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance  # noqa: F401 - registers fvd, fid and kid
 from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
@@ -41,16 +42,10 @@ console = Console(soft_wrap=True)
 CLIP_STARTS = ("first", "center", "random")
 
 
-BINDING_NOT_SCORED = ("the binding task's data is built (sorabench/data/binding.py) but its per-object evaluator "
-                      "and metrics are not yet: train it with evaluate.enabled=false")
-
-
 def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     """Reject a metrics config that cannot work, before anything is rendered, trained or sampled. `data_clips`:
     the clips come from `cfg.data` (not from two folders, whose files `check_lengths` checks)."""
     m = cfg.metrics
-    require(not data_clips or int(cfg.data.get("num_objects", 1)) == 1, "data.num_objects",
-            cfg.data.get("num_objects"), BINDING_NOT_SCORED)
     require(int(m.num_frames) >= 1, "metrics.num_frames", m.num_frames, "must be >= 1")
     require(int(m.frame_stride) >= 1, "metrics.frame_stride", m.frame_stride, "must be >= 1")
     require(m.get("clip_start", "first") in CLIP_STARTS, "metrics.clip_start", m.get("clip_start"),
@@ -128,8 +123,11 @@ def eval_prompts(dataset, n: int) -> dict:
                 "labels": torch.zeros((n, len(dataset.attributes)), dtype=torch.long),  # no labels: 0 columns
                 "unseen": torch.zeros(n, dtype=torch.bool)}
     items = [dataset[i] for i in range(n)]
-    return {"caption": [it["caption"] for it in items], "labels": torch.stack([it["labels"] for it in items]),
-            "unseen": torch.stack([torch.as_tensor(it["unseen"]) for it in items])}
+    prompts = {"caption": [it["caption"] for it in items], "labels": torch.stack([it["labels"] for it in items]),
+               "unseen": torch.stack([torch.as_tensor(it["unseen"]) for it in items])}
+    if "unseen_pair" in items[0]:  # the binding task (labels (n, K, 5)): metrics/binding.py
+        prompts["unseen_pair"] = torch.stack([torch.as_tensor(it["unseen_pair"]) for it in items])
+    return prompts
 
 
 def real_batches(dataset, m: DictConfig, count: int, seed: int):
@@ -153,8 +151,8 @@ DEFAULT_METRICS = ("fvd", "fid", "kid", "alignment")  # a metrics config from be
 
 @torch.no_grad()
 def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, fields: dict,
-                    prompt_labels: torch.Tensor | None,
-                    prompt_unseen: torch.Tensor | None) -> tuple[dict[str, float], dict[str, bool]]:
+                    prompt_labels: torch.Tensor | None, prompt_unseen: torch.Tensor | None,
+                    prompt_extra: dict | None = None) -> tuple[dict[str, float], dict[str, bool]]:
     """Every metric of `metric_names(m)` (each a registered torchmetrics Metric, `sorabench.metrics.registry`) of
     generated vs real clips: ({eval/<key>: value}, {key: higher is better} for the keys the metrics rank by).
 
@@ -162,7 +160,7 @@ def evaluate_videos(fake_batches, real_batches, m: DictConfig, nets, evaluator, 
     `real_batches` may also be a callable returning one, called only when a metric needs real clips (FVD's real
     statistics may come from the cache). Clips are consumed batch by batch: features, never all clips, are kept.
     """
-    setup = EvalSetup(m, nets[0], nets[1], evaluator, fields, prompt_labels, prompt_unseen)
+    setup = EvalSetup(m, nets[0], nets[1], evaluator, fields, prompt_labels, prompt_unseen, prompt_extra or {})
     metrics = {name: metric for name in metric_names(m) if (metric := build_metric(name, setup)) is not None}
     readers = [metric for metric in metrics.values() if getattr(metric, "needs_real", True)]
     if readers:
@@ -196,12 +194,37 @@ def reconstruct(vae_module, video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_points(evaluator, batches, labels, unseen, vae_module=None) -> dict[str, float]:
+def binding_reference_points(evaluator, batches, labels, unseen, vae_module=None, unseen_pair=None):
+    """`reference_points` of the binding task: eval/{real,noise,ceiling}_bind_* (metrics/binding.py). The real
+    clips' scores are the instrument's own accuracy on this data: what a perfect generator would get."""
+    noise_gen = torch.Generator().manual_seed(0)
+    read = {"real": [], "noise": [], "ceiling": []}
+    seen = 0
+    for video in batches:
+        colours = labels[seen : seen + len(video), :, 0]
+        seen += len(video)
+        read["real"].append(read_objects(evaluator, video, colours))
+        read["noise"].append(read_objects(evaluator, torch.randn(video.shape, generator=noise_gen).clamp(-1, 1),
+                                          colours))
+        if vae_module is not None:
+            read["ceiling"].append(read_objects(evaluator, reconstruct(vae_module, video), colours))
+    out = {}
+    for source, chunks in read.items():
+        if chunks:
+            scores = binding_scores(torch.cat(chunks), labels, unseen, unseen_pair, prefix="bind")
+            out.update({f"eval/{source}_{k}": v for k, v in scores.items() if "chance" not in k})
+    return out
+
+
+@torch.no_grad()
+def reference_points(evaluator, batches, labels, unseen, vae_module=None, unseen_pair=None) -> dict[str, float]:
     """What the evaluator reads, per attribute and all-correct, from the real clips (`eval/real_acc_*`), from pure
     noise (`eval/noise_acc_*`: the floor) and from the VAE's reconstructions of the real clips
     (`eval/ceiling_acc_*`): no latent DiT can show more than its VAE keeps, so this is the ceiling its samples
     are measured against. They tell "at chance" from "broken" and "learned" from "capped". `batches` yields the
     real clips, cut to the protocol, batch by batch."""
+    if labels.dim() == 3:  # several objects per prompt: the binding scores of the same three references
+        return binding_reference_points(evaluator, batches, labels, unseen, vae_module, unseen_pair)
     noise_gen = torch.Generator().manual_seed(0)
     logits = {"real": [], "noise": [], "ceiling": []}
     for video in batches:
@@ -323,8 +346,9 @@ def evaluate_seed(pipeline, m: DictConfig, seed: int, prompts: dict, dataset, ne
     kept = []  # the first k clips at the default scale, reused by the guidance axis
     if scales:
         fake = (kept.append(video[: k - sum(map(len, kept))]) or video for video in fake)
+    extra = {k: v for k, v in prompts.items() if k not in ("caption", "labels", "unseen")}
     scored, ranked = evaluate_videos(fake, lambda: real_batches(dataset, m, int(m.n_real), seed),
-                                     m, nets, evaluator, fields, labels, unseen)
+                                     m, nets, evaluator, fields, labels, unseen, extra)
     t_axis = time.time()
     if scales:
         scored.update(guidance_axis(pipeline, m, scales, seed, splits, torch.cat(kept), nets, evaluator, data_cfg))
@@ -354,7 +378,7 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     per_seed, axis_seconds, ranked = [], 0.0, {}
     precision = eval_precision(cfg)
     t0 = time.time()
-    with autocast(precision, pipeline.device):  # sampling and the feature nets; statistics stay float64
+    with autocast(precision, getattr(pipeline, "device", "cpu")):  # sampling and feature nets; statistics float64
         for s in range(int(m.num_seeds)):
             scored, ranked, seconds = evaluate_seed(pipeline, m, int(m.seed) + s, prompts, dataset, nets, evaluator,
                                                     scales, splits, k, data_cfg)
@@ -362,7 +386,7 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
             axis_seconds += seconds
         if evaluator is not None:
             references = reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
-                                          pipeline.vae)
+                                          pipeline.vae, prompts.get("unseen_pair"))
     metrics = {key: sum(r[key] for r in per_seed) / len(per_seed) for key in per_seed[0]}
     if scales:
         metrics["time/guidance_axis_seconds"] = axis_seconds

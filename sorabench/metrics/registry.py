@@ -51,6 +51,7 @@ class EvalSetup:
     fields: dict = field(default_factory=dict)  # the protocol fields: the cache key of real statistics
     labels: Any = None                   # the prompts' attribute labels (N, A), in sampling order, or None
     unseen: Any = None                   # (N,) bool: the prompt's composition was held out of training
+    extra: dict = field(default_factory=dict)  # more per-prompt fields: the binding task's `unseen_pair`, ...
 
 
 def one_process() -> bool:

@@ -152,8 +152,14 @@ def ensure_evaluator(cfg: DictConfig) -> Path:
         return path
     # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
     evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
-    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(to_container(cfg.data)), to_container(evaluator)),
-                              {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps})
+    data = to_container(cfg.data)
+    settings = {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps}
+    if int(data.get("num_objects", 1)) > 1:
+        # The binding task reads each object alone (metrics/binding.py), with the evaluator of single-object clips
+        # of the same data settings: the very one the single-object ablation trains, shared with it.
+        data = {**data, "num_objects": 1}
+        settings["data.num_objects"] = 1
+    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), to_container(evaluator)), settings)
     return train_shared_asset(sub, run_evaluator_training, "evaluator")
 
 
