@@ -735,6 +735,17 @@ def reading(
                 r = row.iloc[0]
                 text += f"; {fmt(r.seen_mean, 3)} on seen and {fmt(r.unseen_mean, 3)} on unseen compositions"
         parts.append(text + ".")
+    elif "eval/bind_all_mean" in summary and _ok(summary.loc[best, "eval/bind_all_mean"]):  # the binding task
+        row = summary.loc[best]
+        text = (f"{best} shows every object of the prompt with its own attributes in {fmt(row['eval/bind_all_mean'], 3)}"
+                f" of clips (eval/bind_all, ± {fmt(row['eval/bind_all_ci95'], 2)})")
+        if _ok(row.get("eval/bind_chance_all_mean")):
+            text += f" against a chance level of {fmt(row['eval/bind_chance_all_mean'], 3)}"
+        if _ok(row.get("eval/bind_twins_mean")):
+            text += f"; both clips of a swapped-binding twin pair right in {fmt(row['eval/bind_twins_mean'], 3)}"
+        if _ok(row.get("eval/real_bind_all_mean")):
+            text += f" (the evaluator reads {fmt(row['eval/real_bind_all_mean'], 3)} of real clips fully right)"
+        parts.append(text + ".")
     else:
         parts.append(f"eval/acc_all was not logged for {best}, so its text alignment cannot be compared with chance.")
     if excluded:
