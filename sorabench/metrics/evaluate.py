@@ -333,7 +333,7 @@ def eval_precision(cfg: DictConfig) -> str:
 
 
 def evaluate_seed(pipeline, m: DictConfig, seed: int, prompts: dict, dataset, nets, evaluator, scales, splits,
-                  k: int, data_cfg: dict) -> dict[str, float]:
+                  k: int, data_cfg: dict) -> tuple[dict[str, float], dict[str, bool], float]:
     """One evaluation seed: sample `n_samples` clips batch by batch, score them against real clips; the guidance
     axis on the first k clips when asked. Returns (scores, metric -> higher is better, guidance-axis seconds)."""
     n, bs = int(m.n_samples), int(m.batch_size)
