@@ -2,10 +2,10 @@
 
 - On a GPU, `auto` is bf16-mixed (Lightning's autocast; weights, optimiser state and EMA stay fp32).
 - On a CPU, `auto` is bf16-mixed only where bf16 is measurably faster *here*: the CPU must report native bf16
-  (`avx512_bf16` or `amx_bf16`) and a short calibration matmul at the tiny DiT's shapes, bf16 against fp32 side by
-  side, must run at least `MIN_CPU_SPEEDUP`× faster. The flag alone is not enough: a CPU with `avx512_bf16` but no
-  AMX can run bf16 matmuls slower than fp32 (measured: benchmarks/RESULTS.md, "Precision"); without the flag no time
-  is spent calibrating. Everywhere else `auto` is 32-true.
+  (`avx512_bf16` or `amx_bf16`) and a one-second calibration of the tiny DiT's training step, bf16 autocast against
+  fp32 side by side, must run at least `MIN_CPU_SPEEDUP`× faster. Neither the flag nor a matmul is enough: without
+  AMX a bf16 matmul can run slower than fp32, and with AMX a 5x faster matmul still gave a slower step
+  (benchmarks/RESULTS.md, "Precision"). Without the flag no time is spent calibrating. Everywhere else 32-true.
 - The resolved precision is printed at start, logged as the tag `sorabench.precision` and as the protocol field
   `eval.protocol.precision` of every evaluation, and `sorabench report` refuses to pool runs whose precision differs.
 
@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-MIN_CPU_SPEEDUP = 1.5  # bf16 must beat fp32 by this much at calibration: autocast's casts and attention eat the rest
+MIN_CPU_SPEEDUP = 1.5  # bf16's rounding is worth it only for a clear gain; well clear of the ~1.1-1.2x measured on AMX
 
 
 def lightning_precisions() -> tuple[str, ...]:
@@ -74,21 +74,48 @@ def cpu_bf16_flags() -> list[str]:
 
 
 @functools.cache
-def cpu_bf16_speedup(seconds: float = 0.4) -> float:
-    """fp32 time / bf16 time of a matmul at the tiny DiT's shapes (tokens × width @ width × 4·width, the MLP's first
-    linear at batch 16), timed alternately for about `seconds`, on the threads torch uses. Cached per process."""
+def cpu_bf16_speedup(seconds: float = 1.0) -> float:
+    """fp32 time / bf16-autocast time of the tiny DiT's training step (conf/dit/tiny.yaml, adaLN-Zero, the default
+    4x8x8x8 latent, batch 16: forward, backward, fused AdamW), timed alternately for about `seconds` after warm-up,
+    on the threads torch uses. Cached per process.
+
+    A matmul alone is not a reliable witness: on a CPU with AMX a bf16 matmul ran 5.5x fp32 while the step ran 0.8x
+    (attention, casts and elementwise ops ate it); the step is what a run spends its time on (benchmarks/RESULTS.md,
+    "Precision")."""
+    from sorabench.diffusion import RectifiedFlow
+    from sorabench.models.dit import DiT
+    from sorabench.models.text import TextEmbedding
+
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(512, 256, generator=g), torch.randn(1024, 256, generator=g)
-    pair = {"32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
-    for a, b in pair.values():  # warm-up: oneDNN builds its bf16 kernel on the first call
-        torch.nn.functional.linear(a, b)
-    best = {k: float("inf") for k in pair}
+    x0, tokens = torch.randn(16, 4, 8, 8, 8, generator=g), torch.randn(16, 12, 384, generator=g)
+    text = TextEmbedding(tokens, torch.ones(16, 12, dtype=torch.bool), tokens.mean(1))
+    flow = RectifiedFlow()
+
+    def stepper(dtype):
+        torch.manual_seed(0)
+        model = DiT((4, 8, 8, 8), patch_size=(1, 4, 4), width=128, depth=4, heads=4, conditioning="adaln_zero",
+                    timestep_scale=RectifiedFlow.timestep_scale)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = flow.training_loss(model, x0, text)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        return step
+
+    steps = {"32": stepper("32"), "bf16": stepper("bf16")}
+    for step in steps.values():  # warm-up: oneDNN builds its bf16 kernels on the first calls
+        step(), step()
+    best = {k: float("inf") for k in steps}
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for k, (a, b) in pair.items():
+        for k, step in steps.items():
             t0 = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(a, b)
+            step()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best["32"] / best["bf16"]
 
@@ -111,8 +138,8 @@ def resolve(precision: str, accelerator: str = "auto") -> Resolved:
     speedup = cpu_bf16_speedup()
     have = "/".join(flags)
     if speedup >= MIN_CPU_SPEEDUP:
-        return Resolved("bf16-mixed", f"auto: CPU with {have}, bf16 matmul {speedup:.2f}x fp32")
-    return Resolved("32-true", f"auto: CPU with {have}, but bf16 matmul only {speedup:.2f}x fp32 "
+        return Resolved("bf16-mixed", f"auto: CPU with {have}, bf16 train step {speedup:.2f}x fp32")
+    return Resolved("32-true", f"auto: CPU with {have}, but a bf16 train step only {speedup:.2f}x fp32 "
                                f"(< {MIN_CPU_SPEEDUP}x)")
 
 

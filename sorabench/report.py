@@ -240,7 +240,10 @@ def pairwise_tests(runs: pd.DataFrame, metric: str, by: str = "strategy", order=
                 else:
                     mwu = stats.mannwhitneyu(x, y, alternative="two-sided")
                     mwu_u, mwu_p = float(mwu.statistic), float(mwu.pvalue)
-            row.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue))
+            if float(np.ptp(x)) > 0 or float(np.ptp(y)) > 0:
+                # With no variance on either side the standard error is 0 and t is ±inf (p = 0) for any gap
+                # between two constants: not evidence, so left undefined.
+                row.update(welch_t=float(welch.statistic), welch_p=float(welch.pvalue))
             row.update(mwu_u=mwu_u, mwu_p=mwu_p)
             if not math.isfinite(row["welch_p"]):
                 notes.append("Welch undefined: no variance within either strategy")

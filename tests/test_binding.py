@@ -95,7 +95,7 @@ def test_a_binding_run_trains_and_is_scored_object_by_object(tmp_path):
         assert 0 <= m[key] == m[key], key  # present and not NaN
     assert "eval/acc_all" not in m  # single-object alignment does not apply to two-object prompts
     assert m["eval/bind_chance_all"] == pytest.approx((1 / (6 * 3 * 2 * 4 * 2)) ** 2)
-    # the evaluator is the single-object one (one object per clip), shared with single-object runs of this data
+    # one evaluator, trained for this data config on the objects' colour layers (ObjectLayers: one object per item)
     evaluator_runs = list((tmp_path / "train_evaluator").iterdir())
     assert len(evaluator_runs) == 1
     with pytest.raises(ConfigError, match="data.num_objects=4"):
@@ -124,6 +124,25 @@ def test_colour_layers_take_each_object_apart():
         on = layers[:, k].sum(1, keepdim=True) > 0.05
         cosine = torch.nn.functional.cosine_similarity(layers[:, k], rgb.expand_as(layers[:, k]), dim=1)
         assert bool((cosine[on[:, 0]] > 0.99).all())
+
+
+def test_object_layers_are_each_object_alone_with_its_own_labels():
+    from sorabench.metrics.binding import ObjectLayers, colour_layers
+
+    clips = ShapesDataset(cfg(2), "test")
+    layers = ObjectLayers(clips)
+    assert len(layers) == 2 * len(clips)
+    for j in (0, 1, 7, 2 * len(clips) - 1):
+        item, clip = layers[j], clips[j // 2]
+        assert torch.equal(item["labels"], clip["labels"][j % 2])
+        expected = colour_layers(clip["video"][None], clip["labels"][None, :, 0])[0, j % 2]
+        assert torch.equal(item["video"], expected)
+        # the layer shows only this object's colour: its lit pixels point at that palette colour
+        lit = (item["video"] + 1).norm(dim=0) > 0.2
+        rgb = RGB[item["labels"][0]].view(3, 1, 1, 1)
+        assert bool(lit.any())
+        cos = torch.nn.functional.cosine_similarity((item["video"] + 1) / 2, rgb.expand(3, *lit.shape), dim=0)
+        assert bool((cos[lit] > 0.99).all())
 
 
 def compose_and_check(tmp_path, *overrides):

@@ -91,6 +91,11 @@ def test_pairwise_p_values_match_scipy():
     acc = pairwise_tests(runs, "eval/acc_all", order=["a", "b"]).iloc[0]  # the NaN of a is dropped
     expected = stats.ttest_ind([0.5, 0.6, 0.7], [0.1, 0.2, 0.15], equal_var=False).pvalue
     assert acc.n_a == 3 and acc.welch_p == pytest.approx(expected)
+    # Two constants (the binding grid: 0.0039 on every seed against 0 on every seed): scipy says t = inf, p = 0;
+    # that is no evidence, so Welch is left undefined and only the exact Mann-Whitney speaks (p = 0.1 at 3 vs 3)
+    const = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [0.0039] * 3 + [0.0] * 3})
+    row = pairwise_tests(const, "m").iloc[0]
+    assert math.isnan(row.welch_p) and "Welch undefined" in row.note and row.mwu_p == pytest.approx(0.1)
 
 
 def test_holm_and_mannwhitney_floor():

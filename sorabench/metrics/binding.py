@@ -8,10 +8,10 @@ a clip, on a plain background:
     a_c(x)     = clamp(<x - bg, rgb_c - bg> / |rgb_c - bg|², 0, 1)      (the renderer's coverage, inverted)
 
 is object c drawn alone, exactly as the single-object renderer would draw it (up to what another object hides),
-and the single-object evaluator - the embedded ablation's, trained on one object per clip - reads its colour, shape,
-size, direction and speed. A colour the clip does not show gives an empty layer, which reads as no colour it should.
-The evaluator is checked on the real clips of the same split (`eval/real_bind_*`): that is the instrument's
-ceiling on this data, measured, not assumed.
+and an evaluator trained on exactly such layers of the task's real training clips (`ObjectLayers`: every object of
+every clip, with the parts the other object hides) reads its colour, shape, size, direction and speed. A colour the
+clip does not show gives an empty layer, which reads as no colour it should. The evaluator is checked on the real
+clips of the same split (`eval/real_bind_*`): that is the instrument's ceiling on this data, measured, not assumed.
 
 Scores, per generated clip against its prompt's objects (labels (N, K, 5)):
   bind_<attr>   share of the N·K objects whose attribute is read as the prompt binds it;
@@ -65,6 +65,25 @@ def colour_layers(videos: torch.Tensor, colours: torch.Tensor, background: torch
         layer = (coverage * own)[:, None] * r + bg.view(1, 3, 1, 1, 1)
         layers.append(layer * 2 - 1)
     return torch.stack(layers, dim=1)
+
+
+class ObjectLayers(torch.utils.data.Dataset):
+    """Every object of a multi-object dataset, drawn alone: item j is object j % K of clip j // K - its colour layer
+    (`colour_layers`) and its own labels. The binding instrument's evaluator trains on these, so it reads a layer as
+    `read_objects` gives it, including the parts another object hides and the fringes it blends into."""
+
+    def __init__(self, clips: torch.utils.data.Dataset):
+        self.clips = clips
+        self.k = int(clips[0]["labels"].shape[0])
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.k
+
+    def __getitem__(self, j: int) -> dict:
+        item = self.clips[j // self.k]
+        labels = item["labels"]  # (K, 5)
+        layer = colour_layers(item["video"][None], labels[None, :, 0])[0, j % self.k]
+        return {"video": layer, "labels": labels[j % self.k], "caption": item["caption"], "unseen": item["unseen"]}
 
 
 @torch.no_grad()

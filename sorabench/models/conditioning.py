@@ -81,6 +81,16 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA on (B, H, N, d). On the CPU in bf16 it runs in fp32: PyTorch's CPU flash-attention kernel is several
+    times slower in bf16 than in fp32 at these shapes, and took more than every bf16 matmul saved (measured per op:
+    benchmarks/RESULTS.md, "Precision"). On a GPU, bf16 attention is the fast path and stays."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection, along one axis of the token grid.
 
@@ -106,7 +116,7 @@ class SelfAttention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = attention(q, k, v, mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
     def forward(self, x: Tensor, prefix_mask: Tensor | None = None) -> Tensor:
@@ -152,7 +162,7 @@ class CrossAttention(nn.Module):
         L = context.shape[1]
         q = self.q(x).reshape(B, N, self.heads, D // self.heads).transpose(1, 2)
         k, v = self.kv(context).reshape(B, L, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = attention(q, k, v, mask[:, None, None, :])
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -352,7 +362,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_mask: Tensor) -> Tenso
     Returns (B, M + N, H·d)."""
     B, H, L, d = q.shape
     key_mask = F.pad(text_mask, (0, L - text_mask.shape[1]), value=True)[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    out = attention(q, k, v, key_mask)
     return out.transpose(1, 2).reshape(B, L, H * d)
 
 

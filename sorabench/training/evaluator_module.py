@@ -106,8 +106,6 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
     attributes = attribute_schema(data)  # one head per attribute of the dataset's label schema
     require(bool(attributes), "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
-    require(int(data.get("num_objects", 1)) == 1, "data.num_objects", data.get("num_objects"),
-            "the evaluator reads one object; the binding task's per-object evaluator is not built yet")
     L.seed_everything(cfg.seed, workers=True)
     module = EvaluatorModule(attributes=attributes, **evaluator_module_kwargs(cfg))
     pin_precision(cfg)
@@ -116,7 +114,7 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     t0 = time.time()
     # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
     # compositions, so it reads unseen prompts' clips as well as seen ones.
-    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen")), run_dir)
+    fit(trainer, module, EvaluatorData(data, train_splits=("train", "unseen")), run_dir)
     accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
     table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
     for name in [*module.attribute_names, "all"]:
@@ -129,9 +127,29 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     return ckpt
 
 
+class EvaluatorData(VideoDataModule):
+    """The evaluator's clips: the data's own, or with several objects per clip (the binding task) every object's
+    colour layer with its own labels (`sorabench.metrics.binding.ObjectLayers`), which is what the binding metric
+    gives the evaluator to read."""
+
+    def dataset(self, split: str) -> torch.utils.data.Dataset:
+        if split not in self.datasets:
+            self.datasets[split] = evaluator_dataset(self.data_cfg, split)
+        return self.datasets[split]
+
+
+def evaluator_dataset(data_cfg: dict, split: str) -> torch.utils.data.Dataset:
+    dataset = build_dataset(data_cfg, split, train=False)
+    if int(data_cfg.get("num_objects", 1)) > 1:
+        from sorabench.metrics.binding import ObjectLayers
+
+        dataset = ObjectLayers(dataset)
+    return dataset
+
+
 @torch.no_grad()
 def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
-    dataset = build_dataset(data_cfg, split, train=False)
+    dataset = evaluator_dataset(data_cfg, split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256)
     module.eval()
     names, correct = module.attribute_names, []
@@ -154,11 +172,8 @@ def ensure_evaluator(cfg: DictConfig) -> Path:
     evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
     data = to_container(cfg.data)
     settings = {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps}
-    if int(data.get("num_objects", 1)) > 1:
-        # The binding task reads each object alone (metrics/binding.py), with the evaluator of single-object clips
-        # of the same data settings: the very one the single-object ablation trains, shared with it.
-        data = {**data, "num_objects": 1}
-        settings["data.num_objects"] = 1
+    # With several objects per clip (the binding task) the evaluator trains on every object's colour layer of the
+    # task's own clips (`EvaluatorData`): one evaluator per data config, as for one object.
     sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), to_container(evaluator)), settings)
     return train_shared_asset(sub, run_evaluator_training, "evaluator")
 
