@@ -2,11 +2,12 @@
 
 - the CPU's bf16 flags, the calibration ratio `auto` measures and its decision (`sorabench/precision.py`);
 - matmul peaks in fp32 and bf16 (a large square one, and the tiny DiT's MLP linear at the ablation's batch);
-- the ablation's train step (batch 16, fwd + bwd + clip + fused AdamW) per strategy in three forms: fp32; bf16
-  autocast as Lightning's plugin runs it (`BF16Mixed`: fp32 weights cast every forward); and bf16 weights (the
-  model and optimiser in bf16, no casts at all: not a recipe, since bf16 master weights lose small updates, but the
-  ceiling of any cast-saving design);
-- sampling (25 Euler steps, CFG 4) in the same three forms;
+- the ablation's train step (batch 16, fwd + bwd + clip + fused AdamW) per strategy, and adaLN-Zero's at batch 64,
+  in four forms: fp32; bf16 autocast as Lightning's plugin runs it (`BF16Mixed`: fp32 weights cast every forward,
+  attention in fp32 as the model runs it on a CPU); the same with attention left in bf16 (before that remedy); and
+  bf16 weights (the model and optimiser in bf16, no weight casts: not a recipe, since bf16 master weights lose small
+  updates, but the ceiling of any cast-saving design);
+- sampling (25 Euler steps, CFG 4) in fp32, bf16 autocast and bf16 weights;
 - a per-op profile of the adaLN-Zero step in fp32 and under bf16 autocast (torch.profiler self time by op class).
 
 Every ratio is from timings taken round-robin in this one process (harness.side_by_side).
@@ -34,7 +35,7 @@ PRECISION_SIZES = {
     "quick": dict(batch=4, step_repeats=2, matmul_n=256, matmul_repeats=2, sample_clips=2, sample_steps=3,
                   sample_repeats=2, profile_steps=2),
 }
-FORMS = ("fp32", "bf16 autocast", "bf16 weights")
+FORMS = ("fp32", "bf16 autocast", "bf16 autocast, bf16 attention", "bf16 weights")
 
 
 def _with_precision(fn, precision: str):
@@ -47,6 +48,27 @@ def _with_precision(fn, precision: str):
             fn()
         finally:
             harness.PRECISION = saved
+
+    return run
+
+
+def _with_bf16_attention(fn):
+    """fn with the model's attention left in bf16 (plain SDPA), as before attention ran in fp32 on the CPU
+    (`sorabench.models.conditioning.attention`): the remedy's figure, side by side."""
+    import torch.nn.functional as F
+
+    import sorabench.models.conditioning as conditioning
+
+    def plain(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def run():
+        saved = conditioning.attention
+        conditioning.attention = plain
+        try:
+            fn()
+        finally:
+            conditioning.attention = saved
 
     return run
 
@@ -94,6 +116,8 @@ def step_fns(strategy: str, b: int):
     x0 = torch.randn(b, *LATENT, generator=torch.Generator().manual_seed(0))
     fp32 = train_step_fn(copy.deepcopy(model), flow, b, lambda: x0)
     autocast = _with_precision(train_step_fn(copy.deepcopy(model), flow, b, lambda: x0), "bf16-mixed")
+    bf16_attention = _with_bf16_attention(
+        _with_precision(train_step_fn(copy.deepcopy(model), flow, b, lambda: x0), "bf16-mixed"))
     low = copy.deepcopy(model).bfloat16()
     text_b = bf16_text(fake_text(b))
     opt = torch.optim.AdamW(low.parameters(), lr=1e-4)
@@ -106,12 +130,14 @@ def step_fns(strategy: str, b: int):
         torch.nn.utils.clip_grad_norm_(low.parameters(), 1.0)
         opt.step()
 
-    return model, dict(zip(FORMS, (fp32, autocast, weights)))
+    return model, dict(zip(FORMS, (fp32, autocast, bf16_attention, weights)))
 
 
 def train_rows(s: dict, peaks: dict[str, float]) -> list[Row]:
-    b, rows = s["batch"], []
-    for strategy in STRATEGIES:
+    """Every strategy at the ablation's batch, and adaLN-Zero at 4x that batch (where a recipe allows larger
+    steps, bf16's matmuls weigh more against the per-op costs)."""
+    rows = []
+    for strategy, b in [*((st, s["batch"]) for st in STRATEGIES), ("adaln_zero", 4 * s["batch"])]:
         model, fns = step_fns(strategy, b)
         gflops = caption_flops(model, CAPTION_LENGTHS)
         t = side_by_side(fns, repeats=s["step_repeats"], warmup=2)
@@ -121,10 +147,11 @@ def train_rows(s: dict, peaks: dict[str, float]) -> list[Row]:
             rows.append(Row("15 precision", f"{strategy} train step, batch {b}: {form}", f"{step * 1e3:.4g}",
                             "ms/step", f"MFU {3 * gflops * 1e9 * b / step / peak:.1%} of the measured "
                             f"{'fp32' if form == 'fp32' else 'bf16'} peak; {t[form].spread()}"))
-        rows.append(Row("15 precision", f"{strategy} train step: fp32 / bf16 autocast",
+        rows.append(Row("15 precision", f"{strategy} train step, batch {b}: fp32 / bf16 autocast",
                         f"{t['fp32'].median / t['bf16 autocast'].median:.3g}", "×",
-                        f"fp32 / bf16 weights: {t['fp32'].median / t['bf16 weights'].median:.3g}× (the no-cast "
-                        "ceiling); > 1: bf16 is faster"))
+                        f"with bf16 attention: {t['fp32'].median / t['bf16 autocast, bf16 attention'].median:.3g}×; "
+                        f"bf16 weights: {t['fp32'].median / t['bf16 weights'].median:.3g}× (no weight casts); "
+                        "> 1: bf16 is faster"))
     return rows
 
 
@@ -146,7 +173,7 @@ def sampling_rows(s: dict) -> list[Row]:
            "bf16 weights": run(in_bf16(low), bf16_text(text), bf16_text(null), False)}
     t = side_by_side(fns, repeats=s["sample_repeats"], warmup=1)
     rows = [Row("15 precision", f"sampling, adaLN-Zero, {steps} Euler steps, CFG 4, {n} clips: {form}",
-                f"{t[form].median / n:.4g}", "s/clip", t[form].spread()) for form in FORMS]
+                f"{t[form].median / n:.4g}", "s/clip", t[form].spread()) for form in fns]
     rows.append(Row("15 precision", "sampling: fp32 / bf16 autocast", f"{t['fp32'].median / t['bf16 autocast'].median:.3g}",
                     "×", f"fp32 / bf16 weights: {t['fp32'].median / t['bf16 weights'].median:.3g}×"))
     return rows
@@ -195,7 +222,7 @@ def bench_precision(mode: str) -> list[Row]:
     auto = resolve("auto", "cpu")
     decision = (f"`auto` -> {auto.precision}: {auto.reason}; CPU bf16 flags: {', '.join(flags) or 'none'}; "
                 f"bf16 needs >= {MIN_CPU_SPEEDUP}x")
-    rows = [Row("15 precision", "`trainer.precision: auto`: the calibration matmul, bf16 / fp32 speed",
+    rows = [Row("15 precision", "`trainer.precision: auto`: the calibration train step, bf16 / fp32 speed",
                 f"{speedup:.3g}" if flags else "skipped", "×" if flags else "",
                 decision if flags else f"{decision} (no native bf16: not calibrated)")]
     mm_rows, peaks = matmul_rows(s)

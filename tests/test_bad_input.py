@@ -47,6 +47,15 @@ def test_wrong_type_in_any_numeric_key_is_one_line(tiny_overrides, capsys, overr
     assert time.time() - t0 < 20 and nothing_trained(tiny_overrides)
 
 
+def test_more_real_clips_than_the_split_holds_fails_before_training(tiny_overrides, capsys):
+    # Found by running the binding pilot: n_real 512 against val's 256 clips failed only at the first evaluation.
+    assert main(["train", *tiny_overrides, "metrics.real_split=val", "data.split_sizes.val=8",
+                 "metrics.n_real=16"]) == 2
+    err = one_line_error(capsys)
+    assert "metrics.n_real/n_samples" in err and "val split has only 8 clips" in err, err
+    assert nothing_trained(tiny_overrides)
+
+
 def test_schema_accepts_what_the_defaults_allow():
     cfg = compose_config("train", ["optim.lr=1", "trainer.val_check_interval=0.5", "evaluate.every_n_steps=100",
                                    "trainer.gradient_clip_val=null", "dit=S"], command="train")

@@ -35,12 +35,9 @@ def test_auto_on_a_cpu_needs_the_flag_and_a_measured_speedup(monkeypatch, flags,
         assert f"{speedup:.2f}x" in resolved.reason
 
 
-def test_calibration_measures_a_positive_ratio_quickly():
-    import time
-
-    t0 = time.perf_counter()
-    ratio = P.cpu_bf16_speedup.__wrapped__(seconds=0.1)
-    assert 0.01 < ratio < 100 and time.perf_counter() - t0 < 5
+def test_calibration_measures_a_positive_ratio():
+    ratio = P.cpu_bf16_speedup.__wrapped__(seconds=0.1)  # its cost is benchmark 15's to show, not a unit test's
+    assert 0.01 < ratio < 100
 
 
 def test_cpu_bf16_attention_runs_in_fp32_and_returns_bf16():

@@ -21,7 +21,7 @@ LAYERS = [
     ("sorabench.cli", 5), ("sorabench.devtools", 5),
     ("sorabench.training.commands", 4), ("sorabench.data.commands", 4), ("sorabench.metrics.evaluate", 4),
     ("sorabench.sweep", 4), ("sorabench.report", 4),
-    ("sorabench.training", 3),
+    ("sorabench.training", 3), ("sorabench.precision", 3),
     ("sorabench.metrics", 2),
     ("sorabench.models", 1), ("sorabench.data", 1), ("sorabench.latents", 1), ("sorabench.diffusion", 1),
     ("sorabench.tracking", 1), ("sorabench.pipeline", 1),

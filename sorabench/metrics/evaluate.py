@@ -70,6 +70,11 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
                           "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+    sizes = OmegaConf.select(cfg, "data.split_sizes")  # a rendered dataset declares its split sizes: check now
+    if data_clips and sizes is not None and m.real_split in sizes:
+        have = int(sizes[m.real_split])
+        require(have >= max(int(m.n_real), int(m.n_samples)), "metrics.n_real/n_samples", (m.n_real, m.n_samples),
+                f"the {m.real_split} split has only {have} clips (data.split_sizes.{m.real_split})")
     span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
     if data_clips and int(cfg.data.num_frames) < span:
         raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
