@@ -70,6 +70,9 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
         raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
                           "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+    floor = m.get("evaluator_min_accuracy")
+    require(floor is None or (isinstance(floor, (int, float)) and 0 <= floor <= 1), "metrics.evaluator_min_accuracy",
+            floor, "must be null or a number in [0, 1]")
     sizes = OmegaConf.select(cfg, "data.split_sizes")  # a rendered dataset declares its split sizes: check now
     if data_clips and sizes is not None and m.real_split in sizes:
         have = int(sizes[m.real_split])

@@ -175,7 +175,23 @@ def ensure_evaluator(cfg: DictConfig) -> Path:
     # With several objects per clip (the binding task) the evaluator trains on every object's colour layer of the
     # task's own clips (`EvaluatorData`): one evaluator per data config, as for one object.
     sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), to_container(evaluator)), settings)
-    return train_shared_asset(sub, run_evaluator_training, "evaluator")
+    ckpt = train_shared_asset(sub, run_evaluator_training, "evaluator")
+    check_instrument(finished_result(sub.run_dir), cfg.metrics.get("evaluator_min_accuracy"), sub.run_dir)
+    return ckpt
+
+
+def check_instrument(result: dict | None, floor: float | None, run_dir) -> None:
+    """`metrics.evaluator_min_accuracy`: every attribute of the evaluator must read the held-out test clips at least
+    this well, or nothing it measures is used - a run that would score generated clips with a weak instrument fails
+    with one line instead. Checked each time the evaluator is used (trained now or found cached)."""
+    if floor is None or result is None:
+        return
+    accuracy = result["accuracy"]["test"]
+    weak = {k: v for k, v in accuracy.items() if k != "all" and v < float(floor)}
+    if weak:
+        worst = ", ".join(f"{k} {v:.3f}" for k, v in sorted(weak.items(), key=lambda kv: kv[1]))
+        raise RuntimeError(f"metrics.evaluator_min_accuracy={floor}: the evaluator in {run_dir} reads held-out test "
+                           f"clips at {worst}; train it longer (metrics.evaluator.max_steps) or lower the floor")
 
 
 def load_evaluator(path: str | Path):
