@@ -544,7 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     for number in chosen:
         what, run = stages[number]
         log(f"{number}/{len(stages)} {what} ...")
+        started = time.perf_counter()
         rows += run()
+        log(f"{number}/{len(stages)} done in {time.perf_counter() - started:.1f} s")
     md = markdown(rows, machine, time.perf_counter() - t0)
     print(md)
     if args.out is not None:

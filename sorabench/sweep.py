@@ -546,10 +546,31 @@ def worker_threads(cfg: DictConfig) -> int:
     return threads
 
 
+def die_with_parent() -> None:
+    """A local worker is killed (SIGKILL) when the process that started it dies, however it dies: a SIGKILLed or
+    OOM-killed sweep otherwise leaves orphans that keep training and writing into the study (seen: 20 minutes after
+    the parent was gone). Its trial is then the stalled trial a rerun requeues from its last checkpoint, exactly as
+    when the worker itself is killed. Linux (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _local_worker(cfg_yaml: str) -> None:
     """Entry point of a local worker process (multiprocessing, spawn): the same study, one trial at a time."""
     from sorabench.tracking import quiet_libraries
 
+    die_with_parent()
     quiet_libraries()
     cfg = OmegaConf.create(cfg_yaml)
     try:

@@ -174,6 +174,40 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_local_workers_die_with_a_sigkilled_sweep(tmp_path):
+    """A SIGKILLed sweep takes its spawned local workers with it: orphans would go on training and writing into the
+    study; their trials are left as stalled ones that a rerun requeues (the test above)."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = [a if a != "workers=1" else "workers=2" for a in
+            sweep_cli_args(tmp_path, ["threads=1", "report=false"], ["trainer.max_steps=2000"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sorabench.cli", "sweep", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def worker_pids():
+        trials = optuna.load_study(study_name="conditioning_ablation", storage=storage).trials
+        return {int(t.user_attrs["host"].rsplit(":", 1)[-1]) for t in trials if t.state == TrialState.RUNNING}
+
+    try:
+        wait_for(lambda: len(worker_pids()) == 2, 300, "both processes inside a trial")
+        (worker,) = worker_pids() - {proc.pid}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+        def gone():
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{worker}/stat") as f:  # a zombie awaiting its reaper is gone too
+                return f.read().split(")")[-1].split()[0] == "Z"
+
+        wait_for(gone, 20, f"worker {worker} to die with its sweep")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     """Two workers on one PostgreSQL study and one outputs=: one SIGKILLed and one interrupted (Ctrl-C) mid-trial,
     both restarted. Every cell must end COMPLETE exactly once, with one MLflow child each, the parent FINISHED, and
