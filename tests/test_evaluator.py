@@ -109,7 +109,7 @@ def test_every_ablation_declares_the_instruments_floor():
 def test_a_weak_evaluator_stops_the_run_with_one_line(tmp_path):
     """Trained for 2 steps, the evaluator reads some attribute below the floor: using it fails, naming the floor and
     the weakest attribute; without a floor it is used as before; a cached weak evaluator fails the same way."""
-    from sorabench.config import compose_config
+    from sorabench.config import ConfigError, compose_config
     from sorabench.training.evaluator_module import check_instrument, ensure_evaluator
     from tests.conftest import TINY
 
@@ -118,9 +118,9 @@ def test_a_weak_evaluator_stops_the_run_with_one_line(tmp_path):
     assert ensure_evaluator(cfg).is_file()  # no floor: used
     cfg.metrics.evaluator_min_accuracy = 0.99
     for _ in range(2):  # found cached the second time: checked again
-        with pytest.raises(RuntimeError, match=r"metrics.evaluator_min_accuracy=0.99: .* reads held-out test clips at"):
+        with pytest.raises(ConfigError, match=r"metrics.evaluator_min_accuracy=0.99: .* reads held-out test clips at"):
             ensure_evaluator(cfg)
     strong = {"accuracy": {"test": {"colour": 1.0, "shape": 0.97, "all": 0.9}}}
     check_instrument(strong, 0.95, "x")  # "all" is not an attribute: not held to the floor
-    with pytest.raises(RuntimeError, match="shape 0.970"):
+    with pytest.raises(ConfigError, match="shape 0.970"):
         check_instrument(strong, 0.98, "x")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from sorabench.config import compose_config, require, to_container
+from sorabench.config import ConfigError, compose_config, require, to_container
 from sorabench.data.module import VideoDataModule, attribute_schema, build_dataset, clip_fields
 from sorabench.models.evaluator import VideoAttributeClassifier
 from sorabench.tracking import make_logger
@@ -190,7 +190,7 @@ def check_instrument(result: dict | None, floor: float | None, run_dir) -> None:
     weak = {k: v for k, v in accuracy.items() if k != "all" and v < float(floor)}
     if weak:
         worst = ", ".join(f"{k} {v:.3f}" for k, v in sorted(weak.items(), key=lambda kv: kv[1]))
-        raise RuntimeError(f"metrics.evaluator_min_accuracy={floor}: the evaluator in {run_dir} reads held-out test "
+        raise ConfigError(f"metrics.evaluator_min_accuracy={floor}: the evaluator in {run_dir} reads held-out test "
                            f"clips at {worst}; train it longer (metrics.evaluator.max_steps) or lower the floor")
 
 
