@@ -80,10 +80,10 @@ class ObjectLayers(torch.utils.data.Dataset):
         return len(self.clips) * self.k
 
     def __getitem__(self, j: int) -> dict:
-        item = self.clips[j // self.k]
+        item, k = self.clips[j // self.k], j % self.k
         labels = item["labels"]  # (K, 5)
-        layer = colour_layers(item["video"][None], labels[None, :, 0])[0, j % self.k]
-        return {"video": layer, "labels": labels[j % self.k], "caption": item["caption"], "unseen": item["unseen"]}
+        layer = colour_layers(item["video"][None], labels[None, k : k + 1, 0])[0, 0]  # this object's layer alone
+        return {"video": layer, "labels": labels[k], "caption": item["caption"], "unseen": item["unseen"]}
 
 
 @torch.no_grad()
