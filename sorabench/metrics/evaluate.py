@@ -73,15 +73,15 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
     floor = m.get("evaluator_min_accuracy")
     require(floor is None or (isinstance(floor, (int, float)) and 0 <= floor <= 1), "metrics.evaluator_min_accuracy",
             floor, "must be null or a number in [0, 1]")
+    span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
+    if data_clips and int(cfg.data.num_frames) < span:
+        raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
+                          f"data.num_frames={cfg.data.num_frames} (raise data.num_frames)")
     sizes = OmegaConf.select(cfg, "data.split_sizes")  # a rendered dataset declares its split sizes: check now
     if data_clips and sizes is not None and m.real_split in sizes:
         have = int(sizes[m.real_split])
         require(have >= max(int(m.n_real), int(m.n_samples)), "metrics.n_real/n_samples", (m.n_real, m.n_samples),
                 f"the {m.real_split} split has only {have} clips (data.split_sizes.{m.real_split})")
-    span = (int(m.num_frames) - 1) * int(m.frame_stride) + 1
-    if data_clips and int(cfg.data.num_frames) < span:
-        raise ConfigError(f"metrics.num_frames={m.num_frames} at stride {m.frame_stride} needs {span} frames; "
-                          f"data.num_frames={cfg.data.num_frames} (raise data.num_frames)")
 
 
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:
