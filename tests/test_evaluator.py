@@ -120,6 +120,12 @@ def test_a_weak_evaluator_stops_the_run_with_one_line(tmp_path):
     for _ in range(2):  # found cached the second time: checked again
         with pytest.raises(ConfigError, match=r"metrics.evaluator_min_accuracy=0.99: .* reads held-out test clips at"):
             ensure_evaluator(cfg)
+    # `train` checks the floor before the DiT trains: no DiT checkpoint is written
+    from sorabench.training.commands import train
+
+    with pytest.raises(ConfigError, match="evaluator_min_accuracy"):
+        train(cfg)
+    assert not list((tmp_path / "train").rglob("*.ckpt"))
     strong = {"accuracy": {"test": {"colour": 1.0, "shape": 0.97, "all": 0.9}}}
     check_instrument(strong, 0.95, "x")  # "all" is not an attribute: not held to the floor
     with pytest.raises(ConfigError, match="shape 0.970"):

@@ -255,6 +255,8 @@ def train(cfg: DictConfig, parent_run_id=None, callbacks=(), tags=None, trial=No
     if is_frozen(cfg.text_encoder.name):  # every caption embedded once, kept on disk beside the latents
         frozen_text = frozen_text_encoder(**to_container(cfg.text_encoder))
         frozen_text.precompute([*train_cache["captions"], *val_cache["captions"]], cache_dir=cfg.cache_dir)
+    if evaluating(cfg) and cfg.metrics.get("evaluator_min_accuracy") is not None:
+        ensure_evaluator(cfg)  # the instrument's floor is checked before the DiT trains, not at its first evaluation
     L.seed_everything(cfg.seed, workers=True)  # model init independent of how much the caching consumed
     module = build_dit_module(cfg, train_cache["mean"].shape[1:], vocab, vae_ckpt)
     if cfg.budget == "flops":  # equal training FLOPs: max_steps scaled by forward GFLOPs at real caption lengths
