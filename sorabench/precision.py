@@ -82,9 +82,14 @@ def cpu_bf16_speedup(seconds: float = 1.0) -> float:
     A matmul alone is not a reliable witness: on a CPU with AMX a bf16 matmul ran 5.5x fp32 while the step ran 0.8x
     (attention, casts and elementwise ops ate it); the step is what a run spends its time on (benchmarks/RESULTS.md,
     "Precision")."""
+    from omegaconf import OmegaConf
+
+    from sorabench.config import CONF_DIR
     from sorabench.diffusion import RectifiedFlow
     from sorabench.models.dit import DiT
     from sorabench.models.text import TextEmbedding
+
+    tiny = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "dit" / "tiny.yaml"))
 
     g = torch.Generator().manual_seed(0)
     x0, tokens = torch.randn(16, 4, 8, 8, 8, generator=g), torch.randn(16, 12, 384, generator=g)
@@ -93,8 +98,7 @@ def cpu_bf16_speedup(seconds: float = 1.0) -> float:
 
     def stepper(dtype):
         torch.manual_seed(0)
-        model = DiT((4, 8, 8, 8), patch_size=(1, 4, 4), width=128, depth=4, heads=4, conditioning="adaln_zero",
-                    timestep_scale=RectifiedFlow.timestep_scale)
+        model = DiT((4, 8, 8, 8), **tiny, conditioning="adaln_zero", timestep_scale=RectifiedFlow.timestep_scale)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():

@@ -66,17 +66,19 @@ def build_dataset(data_cfg: dict, split: str, train: bool | None = None) -> torc
 
 
 class VideoDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: dict, train_splits: tuple[str, ...] = ("train",)):
+    def __init__(self, data_cfg: dict, train_splits: tuple[str, ...] = ("train",), build=None):
+        """`build(data_cfg, split)` makes a split's dataset (default `build_dataset`; the evaluator's wraps it)."""
         super().__init__()
         self.data_cfg = dict(data_cfg)
         self.train_splits = tuple(train_splits)
+        self.build = build or build_dataset
         self.batch_size = int(data_cfg.get("batch_size", 32))
         self.num_workers = int(data_cfg.get("num_workers", 0))
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
 
     def dataset(self, split: str) -> torch.utils.data.Dataset:
         if split not in self.datasets:
-            self.datasets[split] = build_dataset(self.data_cfg, split)
+            self.datasets[split] = self.build(self.data_cfg, split)
         return self.datasets[split]
 
     def training_set(self) -> torch.utils.data.Dataset:

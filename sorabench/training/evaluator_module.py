@@ -114,7 +114,7 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     t0 = time.time()
     # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
     # compositions, so it reads unseen prompts' clips as well as seen ones.
-    fit(trainer, module, EvaluatorData(data, train_splits=("train", "unseen")), run_dir)
+    fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen"), build=evaluator_dataset), run_dir)
     accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
     table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
     for name in [*module.attribute_names, "all"]:
@@ -127,18 +127,10 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     return ckpt
 
 
-class EvaluatorData(VideoDataModule):
+def evaluator_dataset(data_cfg: dict, split: str) -> torch.utils.data.Dataset:
     """The evaluator's clips: the data's own, or with several objects per clip (the binding task) every object's
     colour layer with its own labels (`sorabench.metrics.binding.ObjectLayers`), which is what the binding metric
     gives the evaluator to read."""
-
-    def dataset(self, split: str) -> torch.utils.data.Dataset:
-        if split not in self.datasets:
-            self.datasets[split] = evaluator_dataset(self.data_cfg, split)
-        return self.datasets[split]
-
-
-def evaluator_dataset(data_cfg: dict, split: str) -> torch.utils.data.Dataset:
     dataset = build_dataset(data_cfg, split, train=False)
     if int(data_cfg.get("num_objects", 1)) > 1:
         from sorabench.metrics.binding import ObjectLayers
@@ -173,7 +165,7 @@ def ensure_evaluator(cfg: DictConfig) -> Path:
     data = to_container(cfg.data)
     settings = {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps}
     # With several objects per clip (the binding task) the evaluator trains on every object's colour layer of the
-    # task's own clips (`EvaluatorData`): one evaluator per data config, as for one object.
+    # task's own clips (`evaluator_dataset`): one evaluator per data config, as for one object.
     sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), to_container(evaluator)), settings)
     ckpt = train_shared_asset(sub, run_evaluator_training, "evaluator")
     check_instrument(finished_result(sub.run_dir), cfg.metrics.get("evaluator_min_accuracy"), sub.run_dir)
