@@ -74,6 +74,37 @@ def test_twins_exchange_one_attribute_with_the_same_words():
         assert val.captions[i] != val.captions[i + 1]  # bound otherwise
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_fixed_attributes_are_constant_and_left_out_of_captions(k):
+    from sorabench.metrics.alignment import attribute_accuracy
+    from sorabench.metrics.binding import binding_scores
+
+    fixed = {"size": "large", "speed": "slow"}
+    split = make_split(cfg(k, fixed=fixed), "val")
+    assert split.labels[..., 2].eq(1).all() and split.labels[..., 4].eq(0).all()
+    vocabulary = {"small", "little", "tiny", "large", "big", "slowly", "quickly", "slow", "fast", "pace"}
+    assert not any(vocabulary & set(words(c)) for c in split.captions)
+    assert not any(c.startswith(",") or "  " in c for c in split.captions)  # "{speed}, a ..." loses its comma
+    for labels, caption in zip(split.labels[:50], split.captions[:50]):  # every other word is where it was
+        parsed = parse_caption(caption)
+        assert sorted(({a: d[a] for a in ("colour", "shape", "direction")} for d in parsed), key=lambda d: d["colour"]) \
+            == [{a: d[a] for a in ("colour", "shape", "direction")} for d in as_dicts(labels)]
+    if k == 2:  # twins still exchange one attribute, now only shape or direction
+        diff = (split.labels[0::2] != split.labels[1::2]).any(1)  # (pairs, 5)
+        assert diff[:, [2, 4]].sum() == 0 and (diff.sum(1) == 1).all()
+        # chance: a constant attribute is not guessed (1/1), the others still are
+        assert binding_scores(split.labels, split.labels)["bind_chance_all"] == pytest.approx((1 / 6 / 3 / 4) ** 2)
+    else:
+        n = len(split.labels)
+        logits = {a: torch.zeros(n, len(v)) for a, v in zip(ATTRIBUTE_NAMES, (range(6), range(3), range(2), range(4), range(2)))}
+        chance = attribute_accuracy(logits, split.labels[:, 0], split.unseen, ATTRIBUTE_NAMES)["chance_uniform"]
+        assert chance["size"] == 1.0 and chance["speed"] == 1.0 and chance["shape"] == pytest.approx(1 / 3)
+    with pytest.raises(ConfigError, match="data.fixed.shape"):
+        cfg(k, fixed={"shape": "circle"})
+    with pytest.raises(ConfigError, match="data.fixed.size='huge'"):
+        cfg(k, fixed={"size": "huge"})
+
+
 @pytest.mark.parametrize("small_first", [True, False])
 def test_a_small_object_is_drawn_over_a_large_one(small_first):
     c = cfg(position_range=0.0, num_frames=2)  # both start at the centre and move alike: they overlap
@@ -151,3 +182,13 @@ def compose_and_check(tmp_path, *overrides):
     c = compose_config("train", [f"outputs={tmp_path}", "data.num_objects=2", *overrides], command="train")
     validate_train_config(c)
     return c
+
+
+def test_three_object_captions_need_a_longer_text_encoder():
+    from sorabench.training.commands import check_caption_lengths
+
+    over = ["data.num_objects=3", "data.split_sizes.train=512"]
+    with pytest.raises(ConfigError, match=r"text_encoder.max_length=32 cuts \d+ of 512 training captions"):
+        check_caption_lengths(compose_config("train", over))
+    check_caption_lengths(compose_config("train", [*over, "text_encoder.max_length=64"]))  # reads every clause
+    check_caption_lengths(compose_config("train", ["data.num_objects=2"]))  # 2 objects fit in 32

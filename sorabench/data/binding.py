@@ -65,16 +65,17 @@ def composition_flags(labels: torch.Tensor, held_triples: torch.Tensor, held_pai
     return description, pair & ~description
 
 
-def draw_objects(n: int, k: int, sizes: list[int], g: torch.Generator) -> torch.Tensor:
-    """(n, k, 5) labels: distinct colours per clip, every other attribute drawn per object."""
+def draw_objects(n: int, k: int, sizes: list[int], g: torch.Generator, fix=None) -> torch.Tensor:
+    """(n, k, 5) labels: distinct colours per clip, every other attribute drawn per object (then `fix(labels)`: the
+    attributes the task holds constant)."""
     colours = torch.rand(n, sizes[COLOUR], generator=g).argsort(1)[:, :k]
     labels = torch.stack([torch.randint(s, (n, k), generator=g) for s in sizes], dim=-1)
     labels[..., COLOUR] = colours
-    return labels
+    return labels if fix is None else fix(labels)
 
 
 def sample_binding_labels(cfg, split: str, n: int, g: torch.Generator, held_triples: torch.Tensor,
-                          sizes: list[int]) -> dict[str, torch.Tensor]:
+                          sizes: list[int], fix=None) -> dict[str, torch.Tensor]:
     """Labels (n, K, 5) of a binding split and its flags: `unseen` (an unseen description), `unseen_pair`, and
     `twin` (the index of each clip's swapped-binding twin, -1 in train).
 
@@ -93,7 +94,7 @@ def sample_binding_labels(cfg, split: str, n: int, g: torch.Generator, held_trip
         u = torch.rand(base_n, generator=g)
         f = cfg.eval_unseen_fraction
         want = torch.where(u < f, 1, torch.where(u < 2 * f, 2, 0))
-    labels = draw_objects(base_n, k, sizes, g)
+    labels = draw_objects(base_n, k, sizes, g, fix)
     for _ in range(MAX_REDRAWS):  # redraw the clips that are not what their slot asks for
         description, pair = composition_flags(labels, held_triples, held_pairs)
         got = torch.where(description, 1, torch.where(pair, 2, 0))
@@ -102,7 +103,7 @@ def sample_binding_labels(cfg, split: str, n: int, g: torch.Generator, held_trip
             bad |= (labels[:, 0, list(SWAPPABLE)] == labels[:, 1, list(SWAPPABLE)]).all(1)
         if not bad.any():
             break
-        labels[bad] = draw_objects(int(bad.sum()), k, sizes, g)
+        labels[bad] = draw_objects(int(bad.sum()), k, sizes, g, fix)
     else:
         raise RuntimeError(f"shapes binding: could not draw {split} compositions in {MAX_REDRAWS} rounds")
     if not twins:

@@ -36,6 +36,7 @@ ATTRIBUTES: dict[str, list[str]] = {
     "speed": ["slow", "fast"],
 }
 ATTRIBUTE_NAMES = list(ATTRIBUTES)
+FIXABLE = ("size", "speed")  # `data.fixed` may hold these constant (the rest make the held-out compositions)
 
 RGB = torch.tensor(
     [[1.0, 0.15, 0.15], [0.15, 0.85, 0.2], [0.2, 0.35, 1.0], [1.0, 0.9, 0.1], [0.95, 0.2, 0.95], [0.1, 0.9, 0.95]]
@@ -99,6 +100,7 @@ class ShapesConfig:
     synonyms: bool = True  # captions draw each attribute's word from several synonyms (False: canonical words)
     position_range: float = 0.25  # starts span this centred share of where the path fits (0: centred; 1: anywhere)
     holdout_pair_fraction: float = 0.15  # binding task (num_objects > 1): share of pairs of seen descriptions held out
+    fixed: dict[str, str] = field(default_factory=dict)  # {size: large, speed: slow}: constant, and not in captions
     seed: int = 0
 
     def __post_init__(self):
@@ -120,6 +122,13 @@ class ShapesConfig:
             if set(value) != set(names) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
                 raise ConfigError(f"data.{key}={value} must give a positive number for each of {names}")
             setattr(self, key, value)
+        self.fixed = dict(self.fixed)
+        for key, value in self.fixed.items():
+            # Only attributes outside the held-out (colour, shape, direction) triples: fixing one of those would
+            # empty the held-out compositions.
+            if key not in FIXABLE or value not in ATTRIBUTES[key]:
+                raise ConfigError(f"data.fixed.{key}={value!r}: the attributes that can be fixed are "
+                                  + ", ".join(f"{a} (one of {ATTRIBUTES[a]})" for a in FIXABLE))
 
 
 def heldout_triples(cfg: ShapesConfig) -> torch.Tensor:
@@ -159,12 +168,21 @@ def sample_labels(cfg: ShapesConfig, split: str, n: int, g: torch.Generator) -> 
         labels[:, obj, 0] = triple // (n_shape * n_dir)
         labels[:, obj, 1] = (triple // n_dir) % n_shape
         labels[:, obj, 3] = triple % n_dir
-    return labels, want_unseen
+    return fix_labels(cfg, labels), want_unseen
 
 
-def caption_for(labels: torch.Tensor, g: torch.Generator, synonyms: bool = True) -> str:
+def fix_labels(cfg: ShapesConfig, labels: torch.Tensor) -> torch.Tensor:
+    """labels (..., 5) with `cfg.fixed`'s attributes set to their values (drawn first, so that every other
+    attribute, and every clip of a config without `fixed`, is what it would be without it)."""
+    for attr, value in cfg.fixed.items():
+        labels[..., ATTRIBUTE_NAMES.index(attr)] = ATTRIBUTES[attr].index(value)
+    return labels
+
+
+def caption_for(labels: torch.Tensor, g: torch.Generator, synonyms: bool = True, fixed=()) -> str:
     """A caption for one clip's labels (num_objects, 5), joining objects with 'and'. synonyms=False always takes
-    each value's canonical word (the same draws are made, so the clips do not change)."""
+    each value's canonical word (the same draws are made, so the clips do not change); attributes in `fixed` are
+    left out of the words."""
     parts = []
     for obj_labels in labels.tolist():
         template = TEMPLATES[int(torch.randint(len(TEMPLATES), (1,), generator=g))]
@@ -172,9 +190,15 @@ def caption_for(labels: torch.Tensor, g: torch.Generator, synonyms: bool = True)
         for attr, idx in zip(ATTRIBUTE_NAMES, obj_labels):
             options = SYNONYMS[attr][ATTRIBUTES[attr][idx]]
             pick = int(torch.randint(len(options), (1,), generator=g))
-            words[attr] = options[pick if synonyms else 0]
-        parts.append(template.format(**words))
+            words[attr] = "" if attr in fixed else options[pick if synonyms else 0]
+        parts.append(fill(template, words))
     return " and ".join(parts)
+
+
+def fill(template: str, words: dict[str, str]) -> str:
+    """A template filled in; an attribute left out ("") takes its space (and a leading "{speed}, ") with it."""
+    text = " ".join(template.format(**words).split())
+    return text[2:] if text.startswith(", ") else text
 
 
 def parse_caption(caption: str) -> list[dict[str, int]]:
@@ -277,14 +301,14 @@ class ShapesSplit:
     twin: torch.Tensor | None = None
 
 
-def clause_for(obj_labels: list[int], template: int, picks: list[int], synonyms: bool = True) -> str:
+def clause_for(obj_labels: list[int], template: int, picks: list[int], synonyms: bool = True, fixed=()) -> str:
     """One object's clause from draws made elsewhere (the binding task's twins share them): a template and, per
-    attribute, a synonym (each taken modulo its list; synonyms=False: the canonical word)."""
+    attribute, a synonym (each taken modulo its list; synonyms=False: the canonical word; `fixed`: left out)."""
     words = {}
     for attr, idx, pick in zip(ATTRIBUTE_NAMES, obj_labels, picks):
         options = SYNONYMS[attr][ATTRIBUTES[attr][idx]]
-        words[attr] = options[pick % len(options) if synonyms else 0]
-    return TEMPLATES[template % len(TEMPLATES)].format(**words)
+        words[attr] = "" if attr in fixed else options[pick % len(options) if synonyms else 0]
+    return fill(TEMPLATES[template % len(TEMPLATES)], words)
 
 
 def split_labels(cfg: ShapesConfig, split: str, g: torch.Generator) -> tuple[dict, list[str]]:
@@ -292,12 +316,14 @@ def split_labels(cfg: ShapesConfig, split: str, g: torch.Generator) -> tuple[dic
     n = cfg.split_sizes.get(split, 0)
     if cfg.num_objects == 1:
         labels, unseen = sample_labels(cfg, split, n, g)
-        return {"labels": labels, "unseen": unseen}, [caption_for(labels[i], g, cfg.synonyms) for i in range(n)]
+        return {"labels": labels, "unseen": unseen}, [caption_for(labels[i], g, cfg.synonyms, cfg.fixed)
+                                                       for i in range(n)]
     from sorabench.data.binding import binding_captions, sample_binding_labels
 
-    info = sample_binding_labels(cfg, split, n, g, heldout_triples(cfg), [len(v) for v in ATTRIBUTES.values()])
+    info = sample_binding_labels(cfg, split, n, g, heldout_triples(cfg), [len(v) for v in ATTRIBUTES.values()],
+                                 fix=lambda labels: fix_labels(cfg, labels))
     captions = binding_captions(info["labels"], info["twin"], info["swapped"], g,
-                                lambda obj, template, picks: clause_for(obj, template, picks, cfg.synonyms))
+                                lambda obj, template, picks: clause_for(obj, template, picks, cfg.synonyms, cfg.fixed))
     return info, captions
 
 

@@ -41,6 +41,12 @@ def _majority_share(rows: torch.Tensor) -> float:
     return float(torch.unique(rows, dim=0, return_counts=True)[1].max() / rows.shape[0])
 
 
+def levels(column: torch.Tensor, k: int) -> int:
+    """The values uniform guessing chooses among: K, or 1 for an attribute every prompt gives the same value (one
+    the task holds constant, `data.fixed`)."""
+    return 1 if bool((column == column.flatten()[0]).all()) else k
+
+
 def _subset_report(correct: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> dict:
     """Accuracy and majority-class chance of one subset; correct (n, A) bool, labels (n, A)."""
     n = correct.shape[0]
@@ -70,7 +76,7 @@ def attribute_accuracy(
     Returns a dict (plain Python numbers and lists; NaN where a subset is empty):
         overall / seen / unseen: {n, acc: {attr..., all}, chance_majority: {attr..., all}}; `chance_majority` is the
             accuracy of always predicting the subset's most frequent label (for `all`: most frequent label tuple).
-        chance_uniform: {attr: 1/K, all: Π 1/K}.
+        chance_uniform: {attr: 1/K, all: Π 1/K}; K = 1 for an attribute every prompt gives one value (`data.fixed`).
         confusion: {attr: K×K counts, rows = prompt label, columns = prediction}, over all clips.
         predictions: {attr: {distribution, entropy, label_distribution, label_entropy, mean_softmax_entropy}};
             entropies are normalised by log K (0 = constant, 1 = uniform); `mean_softmax_entropy` is the mean
@@ -99,13 +105,14 @@ def attribute_accuracy(
         preds.append(p.long())
         ks.append(k)
     preds = torch.stack(preds, dim=1)  # (N, A)
+    guess = [levels(labels[:, i], k) if len(labels) else k for i, k in enumerate(ks)]  # 1 for a fixed attribute
     correct = preds == labels
 
     report = {
         "overall": _subset_report(correct, labels, names),
         "seen": _subset_report(correct[~unseen], labels[~unseen], names),
         "unseen": _subset_report(correct[unseen], labels[unseen], names),
-        "chance_uniform": {name: 1.0 / k for name, k in zip(names, ks)} | {"all": math.prod(1.0 / k for k in ks)},
+        "chance_uniform": {name: 1.0 / k for name, k in zip(names, guess)} | {"all": math.prod(1.0 / k for k in guess)},
         "confusion": {},
         "predictions": {},
     }

@@ -21,7 +21,8 @@ Scores, per generated clip against its prompt's objects (labels (N, K, 5)):
   bind_twins    share of swapped-binding twin pairs (clips 2j, 2j+1 of val/test/unseen: the same words, one attribute
                 exchanged between two objects) with both clips fully right: a model that ignores which word goes with
                 which object can get at most one of each pair;
-  bind_chance_all  the uniform-guess level of bind_all (Π 1/K over attributes, per object, over objects).
+  bind_chance_all  the uniform-guess level of bind_all (Π 1/K over attributes, per object, over objects; K = 1 for
+                   an attribute the task holds constant).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import torch
 from torchmetrics import Metric
 
+from sorabench.metrics.alignment import levels
 from sorabench.metrics.registry import EvalSetup, register
 
 ATTRS = ("colour", "shape", "size", "direction", "speed")  # label columns (sorabench.data.shapes.ATTRIBUTES)
@@ -120,7 +122,8 @@ def binding_scores(read: torch.Tensor, labels: torch.Tensor, unseen: torch.Tenso
         pairs = clip[: n - n % 2].view(-1, 2)
         out[f"{prefix}_twins"] = float(pairs.all(1).double().mean())
     k = labels.shape[1]
-    out[f"{prefix}_chance_all"] = math.prod(1.0 / len(ATTRIBUTES[a]) for a in ATTRS) ** k
+    out[f"{prefix}_chance_all"] = math.prod(1.0 / levels(labels[..., i], len(ATTRIBUTES[a]))
+                                            for i, a in enumerate(ATTRS)) ** k
     return out
 
 

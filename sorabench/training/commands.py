@@ -150,6 +150,25 @@ def evaluating(cfg: DictConfig) -> bool:
     return bool(cfg.evaluate.enabled or cfg.evaluate.every_n_steps)
 
 
+MAX_CUT_SHARE = 0.01  # of the training captions: more cut by the text encoder's max_length is an error
+
+
+def check_caption_lengths(cfg: DictConfig):
+    """`shapes` captions against the frozen text encoder's `max_length`: a cut caption loses its last clause, so a
+    model would be asked to draw an object its text never names (3 objects need ~48 MiniLM word pieces)."""
+    if cfg.data.name != "shapes" or cfg.data.get("num_objects", 1) == 1 or not is_frozen(cfg.text_encoder.name):
+        return  # single-object captions are ~20 word pieces
+    from sorabench.data.shapes import split_captions
+
+    encoder = frozen_text_encoder(**to_container(cfg.text_encoder))
+    lengths = [encoder.num_tokens(c) for c in split_captions(dataset_config(to_container(cfg.data)), "train")]
+    limit, cut = int(cfg.text_encoder.max_length), sum(n > int(cfg.text_encoder.max_length) for n in lengths)
+    if cut > MAX_CUT_SHARE * len(lengths):
+        raise ConfigError(f"text_encoder.max_length={limit} cuts {cut} of {len(lengths)} training captions of "
+                          f"data.num_objects={cfg.data.num_objects} (the longest is {max(lengths)} word pieces): set "
+                          f"text_encoder.max_length={max(lengths)} or more")
+
+
 def validate_train_config(cfg: DictConfig):
     """Reject bad values before any data is rendered or any model is trained."""
     require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
@@ -172,6 +191,7 @@ def validate_train_config(cfg: DictConfig):
 
     data = dataset_config(to_container(cfg.data))
     check_dataset(to_container(cfg.data))  # e.g. a folder indexes and probes its files now, not minutes into training
+    check_caption_lengths(cfg)
     labelled = bool(attribute_schema(to_container(cfg.data)))  # the evaluator needs the dataset's attribute labels
     if evaluating(cfg) and cfg.metrics.features == "evaluator" and not labelled:
         raise ConfigError(f"metrics=evaluator needs data=shapes (its attribute labels); with data={cfg.data.name} use "
