@@ -87,8 +87,8 @@ def test_fixed_attributes_are_constant_and_left_out_of_captions(k):
     assert not any(c.startswith(",") or "  " in c for c in split.captions)  # "{speed}, a ..." loses its comma
     for labels, caption in zip(split.labels[:50], split.captions[:50]):  # every other word is where it was
         parsed = parse_caption(caption)
-        assert sorted(({a: d[a] for a in ("colour", "shape", "direction")} for d in parsed), key=lambda d: d["colour"]) \
-            == [{a: d[a] for a in ("colour", "shape", "direction")} for d in as_dicts(labels)]
+        kept = [{a: d[a] for a in ("colour", "shape", "direction")} for d in parsed]
+        assert sorted(kept, key=lambda d: d["colour"]) == [{a: d[a] for a in kept[0]} for d in as_dicts(labels)]
     if k == 2:  # twins still exchange one attribute, now only shape or direction
         diff = (split.labels[0::2] != split.labels[1::2]).any(1)  # (pairs, 5)
         assert diff[:, [2, 4]].sum() == 0 and (diff.sum(1) == 1).all()
@@ -96,7 +96,7 @@ def test_fixed_attributes_are_constant_and_left_out_of_captions(k):
         assert binding_scores(split.labels, split.labels)["bind_chance_all"] == pytest.approx((1 / 6 / 3 / 4) ** 2)
     else:
         n = len(split.labels)
-        logits = {a: torch.zeros(n, len(v)) for a, v in zip(ATTRIBUTE_NAMES, (range(6), range(3), range(2), range(4), range(2)))}
+        logits = {a: torch.zeros(n, k) for a, k in zip(ATTRIBUTE_NAMES, (6, 3, 2, 4, 2))}
         chance = attribute_accuracy(logits, split.labels[:, 0], split.unseen, ATTRIBUTE_NAMES)["chance_uniform"]
         assert chance["size"] == 1.0 and chance["speed"] == 1.0 and chance["shape"] == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="data.fixed.shape"):
