@@ -347,6 +347,77 @@ def reference_points(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BINDING_COLUMNS = ["all", "all_seen", "all_unseen", "all_unseen_pair", "twins", "object", "count", "colour", "shape",
+                   "size", "direction", "speed"]  # eval/bind_<column>, in the binding table's order
+SWAP_ATTRIBUTES = ["shape", "size", "direction", "speed"]  # eval/bind_{wrong,swap}_<attr> (colour names the object)
+
+
+def _mean_cell(values, bounds=(0.0, 1.0)) -> str:
+    values = pd.to_numeric(values, errors="coerce")
+    if not values.notna().any():
+        return "–"
+    mean, ci, n = mean_ci95(values)
+    return fmt_ci(mean, ci, bounds) if n > 1 else fmt(mean, 3)
+
+
+def binding_tables(runs: pd.DataFrame, by: str = "strategy", order=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The binding task's two tables (metrics/binding.py), one row per strategy (mean ± 95% CI over runs) and, in
+    the first, the instrument's rows (real clips, VAE reconstructions, noise: the runs share them) and chance:
+    (scores: eval/bind_<BINDING_COLUMNS>; errors: per attribute of SWAP_ATTRIBUTES wrong / swapped, and the share of
+    wrong readings that are another object's value against what uniform wrong guesses give). Empty without
+    eval/bind_all."""
+    if "eval/bind_all" not in runs:
+        return pd.DataFrame(), pd.DataFrame()
+    groups = dict(tuple(runs.groupby(by, sort=True)))
+    names = [s for s in (order if order is not None else sorted(groups)) if s in groups]
+    cols = [c for c in BINDING_COLUMNS if f"eval/bind_{c}" in runs]
+    scores = [{by: name, "n": len(groups[name]), **{c: _mean_cell(groups[name][f"eval/bind_{c}"]) for c in cols}}
+              for name in names]
+    for src, label in REFERENCE_SOURCES.items():
+        row = {by: label, "n": ""}
+        values = {c: _finite(runs[f"eval/{src}_bind_{c}"]) for c in cols if f"eval/{src}_bind_{c}" in runs}
+        row.update({c: fmt(values[c].mean(), 3) if len(values.get(c, ())) else "–" for c in cols})  # shared by runs
+        if any(v != "–" for k, v in row.items() if k in cols):
+            scores.append(row)
+    if "eval/bind_chance_all" in runs:
+        scores.append({by: "chance (uniform guess)", "n": "", **{c: "–" for c in cols},
+                       "all": fmt(_finite(runs["eval/bind_chance_all"]).mean(), 3)})
+    errors = []
+    for name in names:
+        g = groups[name]
+        row = {by: name}
+        for attr in SWAP_ATTRIBUTES:
+            if f"eval/bind_swap_{attr}" in g:
+                row[attr] = f"{_mean_cell(g[f'eval/bind_wrong_{attr}'])} / {_mean_cell(g[f'eval/bind_swap_{attr}'])}"
+        for key in ("swap_share", "swap_share_chance"):
+            row[key] = _mean_cell(g[f"eval/bind_{key}"]) if f"eval/bind_{key}" in g else "–"
+        errors.append(row)
+    return pd.DataFrame(scores), pd.DataFrame(errors)
+
+
+def binding_markdown(scores: pd.DataFrame, errors: pd.DataFrame, by: str = "strategy") -> list[str]:
+    if scores.empty:
+        return []
+    md = ["## Binding: every object of the prompt", "",
+          "Shares in [0, 1], mean ± 95% CI over seeds (metrics/binding.py). all: clips with every object fully right "
+          "(seen compositions, unseen descriptions, unseen pairings of seen descriptions); twins: swapped-binding twin "
+          "pairs with both clips right; object: objects fully right; count: clips showing exactly the prompt's number "
+          "of objects; per attribute: objects with it right. The instrument's rows read the same prompts' real clips "
+          "and their VAE reconstructions: no latent DiT is expected above the second.", ""]
+    cols = [c for c in scores.columns if c not in (by, "n")]
+    md += [md_table([by, "n", *cols], scores[[by, "n", *cols]].values.tolist()), ""]
+    if not errors.empty:
+        attrs = [c for c in errors.columns if c in SWAP_ATTRIBUTES]
+        md += ["### Binding errors", "",
+               "Per attribute, over objects whose value differs from another object's in the prompt: share read wrong "
+               "/ share read as another object's value (the attribute bound to the wrong object). swap share: of all "
+               "wrong readings, those that are another object's value; chance: the share uniform wrong guesses give. "
+               "A swap share above chance means the model draws the prompt's words on the wrong objects.", ""]
+        md += [md_table([by, *[f"{a} wrong / swap" for a in attrs], "swap share", "chance"],
+                        errors[[by, *attrs, "swap_share", "swap_share_chance"]].values.tolist()), ""]
+    return md
+
+
 def headline_power(runs: pd.DataFrame, summary: pd.DataFrame, metrics, by: str = "strategy",
                    family: int = 1) -> pd.DataFrame:
     """`power_analysis` of the best against the worst and against the runner-up strategy on each metric, ranked
@@ -955,7 +1026,7 @@ def render_markdown(
     *, title: str, header: list[str], summary: pd.DataFrame, metric: str, direction: str, metrics: list[str],
     tests: dict[str, pd.DataFrame], comp: pd.DataFrame, excluded: pd.DataFrame, plots: dict[str, str], text: str,
     refs: pd.DataFrame | None = None, power: pd.DataFrame | None = None, guidance: list[str] = (),
-    pareto: list[str] = (), row: str = "strategy", equivalence: pd.DataFrame | None = None,
+    pareto: list[str] = (), row: str = "strategy", equivalence: pd.DataFrame | None = None, binding: list[str] = (),
 ) -> str:
     order = list(summary.index)
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
@@ -1022,6 +1093,7 @@ def render_markdown(
         ]
         md += [md_table(["strategy", "attribute", "chance", "seen", "unseen", "gap"], rows), ""]
 
+    md += list(binding)
     md += ["## Reference points: real clips, the VAE's ceiling, noise", ""]
     if refs is None or refs.empty:
         md += ["No eval/real_acc_* metrics were logged.", ""]
@@ -1275,12 +1347,13 @@ def main(cfg: DictConfig) -> int:
         budget_line(complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
+    bind_tables = binding_tables(complete, order=order)
     md = render_markdown(
         title=f"sorabench report: {study or name}", header=header, summary=summary, metric=metric, direction=direction,
         metrics=metrics, tests=tests, comp=comp, excluded=excluded, plots=plots, text=text,
         refs=reference_points(complete), power=headline_power(complete, summary, tested, family=holm_family(tests)),
         guidance=guidance_md,
-        pareto=pareto_md, row=row, equivalence=equivalence,
+        pareto=pareto_md, row=row, equivalence=equivalence, binding=binding_markdown(*bind_tables),
     )
 
     equivalence.to_csv(out_dir / "equivalence.csv", index=False)

@@ -122,7 +122,8 @@ def test_a_binding_run_trains_and_is_scored_object_by_object(tmp_path):
     c = compose_and_check(tmp_path, *TINY, "mlflow.enabled=false")
     m = train(c)["metrics"]
     for key in ("eval/bind_all", "eval/bind_object", "eval/bind_shape", "eval/bind_twins", "eval/real_bind_all",
-                "eval/noise_bind_all", "eval/ceiling_bind_all", "eval/fvd"):
+                "eval/noise_bind_all", "eval/ceiling_bind_all", "eval/fvd", "eval/bind_count", "eval/bind_swap",
+                "eval/bind_swap_share_chance", "eval/real_bind_count", "eval/ceiling_bind_swap"):
         assert 0 <= m[key] == m[key], key  # present and not NaN
     assert "eval/acc_all" not in m  # single-object alignment does not apply to two-object prompts
     assert m["eval/bind_chance_all"] == pytest.approx((1 / (6 * 3 * 2 * 4 * 2)) ** 2)
@@ -192,3 +193,46 @@ def test_three_object_captions_need_a_longer_text_encoder():
         check_caption_lengths(compose_config("train", over))
     check_caption_lengths(compose_config("train", [*over, "text_encoder.max_length=64"]))  # reads every clause
     check_caption_lengths(compose_config("train", ["data.num_objects=2"]))  # 2 objects fit in 32
+
+
+def test_swap_errors_count_an_attribute_put_on_the_other_object():
+    from sorabench.metrics.binding import binding_scores, swap_errors
+
+    # two prompts, two objects each: (colour, shape, size, direction, speed)
+    labels = torch.tensor([[[0, 0, 1, 0, 0], [2, 1, 1, 3, 0]],    # shapes differ, sizes equal, directions differ
+                           [[4, 2, 0, 1, 1], [5, 2, 1, 2, 1]]])   # shapes equal, sizes differ, directions differ
+    read = labels.clone()
+    read[0, 0, 1] = 1  # object 0 drawn with object 1's shape: a binding error
+    read[0, 1, 3] = 1  # object 1 moving right: wrong, but no other object of the prompt moves right
+    read[1, 0, 2] = 1  # object 0 drawn large like object 1: a binding error
+    s = swap_errors(read, labels)
+    # shape differs between objects only in prompt 0: 2 cases, 1 swap
+    assert s["bind_swap_shape"] == 0.5 and s["bind_wrong_shape"] == 0.5
+    assert s["bind_swap_size"] == 0.5  # size differs only in prompt 1
+    assert s["bind_wrong_direction"] == 0.25 and s["bind_swap_direction"] == 0.0
+    assert "bind_swap_colour" not in s and "bind_swap_speed" not in s  # colour names objects; speeds all equal
+    assert s["bind_swap"] == pytest.approx(2 / 8) and s["bind_wrong"] == pytest.approx(3 / 8)
+    assert s["bind_swap_share"] == pytest.approx(2 / 3)
+    # a uniform wrong guess: shape 1 of the 2 other shapes, size 1 of 1, direction 1 of 3
+    assert s["bind_swap_share_chance"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+    assert swap_errors(labels, labels)["bind_swap"] == 0.0 and "bind_swap_share" not in swap_errors(labels, labels)
+    scores = binding_scores(read, labels, counts=torch.tensor([2, 1]))
+    assert scores["bind_count"] == 0.5 and scores["bind_swap_shape"] == 0.5
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_count_objects_sees_real_objects_and_not_their_blended_edges(k):
+    """Read without the prompt: every clip of a split whose objects all show an interior is counted right; a clip
+    with one object less (drawn without it) is counted one less; blank and noise show no object."""
+    from sorabench.metrics.binding import count_objects
+
+    c = cfg(k, position_range=1.0)  # objects rarely hide each other (the real counts at 0.25 are in the README)
+    split = make_split(c, "val")
+    video = split.videos[:200].float() / 127.5 - 1
+    counts = count_objects(video)
+    assert float((counts == k).double().mean()) >= 0.97 and int(counts.max()) == k  # no stray colour is an object
+    fewer = render(c, split.labels[:200, 1:], torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    assert float((count_objects(fewer) == k - 1).double().mean()) >= 0.97
+    assert count_objects(-torch.ones(2, 3, 8, 32, 32)).tolist() == [0, 0]
+    noise = torch.randn(8, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert int(count_objects(noise).max()) == 0

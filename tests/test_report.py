@@ -574,3 +574,25 @@ def test_report_prints_the_equivalence_test_at_declared_margins(store, capsys):
     assert "Equivalence within the declared ±1 on eval/fvd is not shown" in md
     with pytest.raises(ConfigError, match="margins.eval/fvd='x': a margin must be a number"):
         main(report_cfg(outputs, f"study={STUDY}", "name=eq2", 'margins=["eval/fvd:x"]'))
+
+
+def test_binding_tables_hold_the_strategies_the_instrument_and_the_swap_errors():
+    from sorabench import report
+
+    runs = pd.DataFrame({
+        "strategy": ["a", "a", "b"],
+        "eval/bind_all": [0.2, 0.4, 0.1], "eval/bind_twins": [0.1, 0.1, 0.0], "eval/bind_count": [0.9, 1.0, 0.8],
+        "eval/bind_shape": [0.5, 0.7, 0.4], "eval/bind_chance_all": [1e-3] * 3,
+        "eval/real_bind_all": [0.97] * 3, "eval/ceiling_bind_all": [0.9] * 3, "eval/noise_bind_all": [0.0] * 3,
+        "eval/bind_wrong_shape": [0.5, 0.3, 0.6], "eval/bind_swap_shape": [0.2, 0.2, 0.5],
+        "eval/bind_swap_share": [0.4, 0.6, 0.8], "eval/bind_swap_share_chance": [0.5] * 3,
+    })
+    scores, errors = report.binding_tables(runs, order=["b", "a"])
+    assert list(scores.strategy[:2]) == ["b", "a"] and scores.n.tolist()[:2] == [1, 2]
+    assert scores.loc[1, "all"] == "0.3 [0, 1]" and scores.loc[0, "all"] == "0.1"  # the 95% CI, cut to [0, 1]
+    assert list(scores.strategy[2:]) == [*report.REFERENCE_SOURCES.values(), "chance (uniform guess)"]
+    assert scores.iloc[2]["all"] == "0.97" and scores.iloc[-1]["all"] == "0.001"
+    assert errors.loc[0, "shape"] == "0.6 / 0.5" and errors.loc[1, "swap_share"].startswith("0.5 ")
+    md = "\n".join(report.binding_markdown(scores, errors))
+    assert "## Binding" in md and "shape wrong / swap" in md and "| b | 1 |" in md
+    assert report.binding_tables(runs.drop(columns="eval/bind_all"))[0].empty

@@ -21,6 +21,11 @@ Scores, per generated clip against its prompt's objects (labels (N, K, 5)):
   bind_twins    share of swapped-binding twin pairs (clips 2j, 2j+1 of val/test/unseen: the same words, one attribute
                 exchanged between two objects) with both clips fully right: a model that ignores which word goes with
                 which object can get at most one of each pair;
+  bind_count    share of clips showing exactly K objects (`count_objects`: palette colours covering >= MIN_OBJECT_AREA
+                of the frame; read without the prompt, so a missing or an extra object both count against it);
+  bind_swap_<attr>, bind_wrong_<attr>, bind_swap_share  binding errors (`swap_errors`): an attribute read as the
+                value another object of the prompt has, beside all wrong readings and the share of them a uniform
+                wrong guess would put on the other object;
   bind_chance_all  the uniform-guess level of bind_all (Π 1/K over attributes, per object, over objects; K = 1 for
                    an attribute the task holds constant).
 """
@@ -36,8 +41,10 @@ from sorabench.metrics.alignment import levels
 from sorabench.metrics.registry import EvalSetup, register
 
 ATTRS = ("colour", "shape", "size", "direction", "speed")  # label columns (sorabench.data.shapes.ATTRIBUTES)
+SWAPPED = ATTRS[1:]  # attributes a model can put on the wrong object (colour names the object: it is found by it)
 MIN_HUE_COSINE = 0.9  # a pixel belongs to the palette colour it points at, if it points at one at all
 MIN_COVERAGE = 0.05  # below this a pixel is background (the faintest anti-aliasing fringe, noise)
+MIN_OBJECT_AREA = 5e-4  # count_objects: a colour whose interior is less of the clip (a small object: ~0.03) is none
 
 
 def palette() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +53,9 @@ def palette() -> tuple[torch.Tensor, torch.Tensor]:
     return RGB.clone(), torch.zeros(3)
 
 
-def colour_layers(videos: torch.Tensor, colours: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
-    """videos (B, 3, T, H, W) in [-1, 1], colours (B, K) palette indices -> (B, K, 3, T, H, W) in [-1, 1]: each
-    object's colour layer, drawn alone on the background (module doc)."""
+def colour_coverage(videos: torch.Tensor, background: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """videos (B, 3, T, H, W) in [-1, 1] -> (coverage (B, C, T, H, W) in [0, 1], ref (C, 3)): how much of each
+    palette colour c each pixel shows (module doc: a_c where the pixel's hue is c's, else 0); ref = rgb_c - bg."""
     rgb, bg = palette()
     if background is not None:
         bg = background
@@ -56,17 +63,31 @@ def colour_layers(videos: torch.Tensor, colours: torch.Tensor, background: torch
     ref = rgb - bg  # (C, 3)
     norm = x.norm(dim=1, keepdim=True).clamp_min(1e-6)
     cosine = torch.einsum("bcthw,pc->bpthw", x / norm, ref / ref.norm(dim=1, keepdim=True))  # (B, C, T, H, W)
-    nearest = cosine.argmax(1)  # (B, T, H, W)
-    layers = []
-    for k in range(colours.shape[1]):
-        c = colours[:, k]  # (B,)
-        r = ref[c].view(-1, 3, 1, 1, 1)  # (B, 3, 1, 1, 1)
-        coverage = ((x * r).sum(1) / (r * r).sum(1)).clamp(0, 1)  # (B, T, H, W)
-        own = (nearest == c.view(-1, 1, 1, 1)) & (cosine.gather(1, c.view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:]))
-                                                   .squeeze(1) >= MIN_HUE_COSINE) & (coverage >= MIN_COVERAGE)
-        layer = (coverage * own)[:, None] * r + bg.view(1, 3, 1, 1, 1)
-        layers.append(layer * 2 - 1)
-    return torch.stack(layers, dim=1)
+    nearest = torch.nn.functional.one_hot(cosine.argmax(1), len(ref)).permute(0, 4, 1, 2, 3).bool()  # (B, C, T, H, W)
+    coverage = (torch.einsum("bcthw,pc->bpthw", x, ref) / (ref * ref).sum(1).view(1, -1, 1, 1, 1)).clamp(0, 1)
+    own = nearest & (cosine >= MIN_HUE_COSINE) & (coverage >= MIN_COVERAGE)
+    return coverage * own, ref
+
+
+def colour_layers(videos: torch.Tensor, colours: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
+    """videos (B, 3, T, H, W) in [-1, 1], colours (B, K) palette indices -> (B, K, 3, T, H, W) in [-1, 1]: each
+    object's colour layer, drawn alone on the background (module doc)."""
+    coverage, ref = colour_coverage(videos, background)
+    bg = palette()[1] if background is None else background
+    a = coverage.gather(1, colours[:, :, None, None, None].expand(-1, -1, *coverage.shape[2:]))  # (B, K, T, H, W)
+    layers = a[:, :, None] * ref[colours][..., None, None, None] + bg.view(1, 1, 3, 1, 1, 1)  # (B, K, 3, T, H, W)
+    return layers * 2 - 1
+
+
+def count_objects(videos: torch.Tensor) -> torch.Tensor:
+    """(B,) how many palette colours a clip shows, read without its prompt: a colour counts if its interior - pixels
+    at least half covered whose eight neighbours are too - spans at least MIN_OBJECT_AREA of the clip's pixels. The
+    interior, not the coverage: where two objects meet, their blended edge is a thin line of a third hue."""
+    coverage, _ = colour_coverage(videos)
+    b, c, t, h, w = coverage.shape
+    solid = (coverage >= 0.5).float().reshape(b * c * t, 1, h, w)
+    interior = -torch.nn.functional.max_pool2d(-solid, 3, stride=1, padding=1)  # 3x3 erosion
+    return (interior.view(b, c, -1).mean(-1) >= MIN_OBJECT_AREA).sum(1)
 
 
 class ObjectLayers(torch.utils.data.Dataset):
@@ -97,9 +118,50 @@ def read_objects(evaluator, videos: torch.Tensor, colours: torch.Tensor) -> torc
     return torch.stack([logits[a].argmax(1) for a in ATTRS], dim=-1).view(b, k, len(ATTRS)).cpu()
 
 
+def swap_errors(read: torch.Tensor, labels: torch.Tensor, prefix: str = "bind") -> dict[str, float]:
+    """Binding errors of readings (N, K, 5) against prompt labels (N, K, 5), per attribute a of SWAPPED (colour names
+    the object, so it cannot move): over the objects whose value of a differs from another object's in the prompt -
+    bind_wrong_<a>  share read wrong;
+    bind_swap_<a>   share read as another object's value (the attribute put on the wrong object);
+    bind_swap, bind_wrong  the same over all those (object, attribute) cases;
+    bind_swap_share        swaps / wrong readings: how many errors are binding errors, against
+    bind_swap_share_chance the share a wrong reading drawn uniformly from the other values would give.
+    An attribute the prompts hold constant (or equal on every object) has no cases and no key."""
+    from sorabench.data.shapes import ATTRIBUTES
+
+    n = len(read)
+    labels = labels[:n].long()
+    out, totals = {}, torch.zeros(4, dtype=torch.float64)  # cases, wrong, swapped, chance swaps among the wrong
+    for i, attr in enumerate(ATTRS):
+        if attr not in SWAPPED:
+            continue
+        value, got = labels[..., i], read[..., i]  # (N, K)
+        other = value[:, None, :] != value[:, :, None]  # (N, K, K): object j's value differs from object k's
+        cases = other.any(-1)  # (N, K)
+        if not bool(cases.any()):
+            continue
+        wrong = got != value
+        swapped = (other & (got[:, :, None] == value[:, None, :])).any(-1)  # read as another object's value
+        distinct = torch.tensor([len(set(v) - {v[k]}) for v in value.tolist() for k in range(len(v))]).view_as(value)
+        chance = distinct.double() / (len(ATTRIBUTES[attr]) - 1)  # P(a uniform wrong guess hits another's value)
+        out[f"{prefix}_wrong_{attr}"] = float(wrong[cases].double().mean())
+        out[f"{prefix}_swap_{attr}"] = float(swapped[cases].double().mean())
+        totals += torch.stack([cases.sum(), (wrong & cases).sum(), (swapped & cases).sum(),
+                               chance[wrong & cases].sum()]).double()
+    if totals[0] > 0:
+        out[f"{prefix}_wrong"] = float(totals[1] / totals[0])
+        out[f"{prefix}_swap"] = float(totals[2] / totals[0])
+    if totals[1] > 0:
+        out[f"{prefix}_swap_share"] = float(totals[2] / totals[1])
+        out[f"{prefix}_swap_share_chance"] = float(totals[3] / totals[1])
+    return out
+
+
 def binding_scores(read: torch.Tensor, labels: torch.Tensor, unseen: torch.Tensor | None = None,
-                   unseen_pair: torch.Tensor | None = None, prefix: str = "bind") -> dict[str, float]:
-    """Scores of readings (N, K, 5) against prompt labels (N, K, 5) (module doc); NaN-free (empty subsets left out)."""
+                   unseen_pair: torch.Tensor | None = None, prefix: str = "bind",
+                   counts: torch.Tensor | None = None) -> dict[str, float]:
+    """Scores of readings (N, K, 5) against prompt labels (N, K, 5) (module doc), with `swap_errors` and, given
+    `count_objects`' counts (N,), bind_count; NaN-free (empty subsets left out)."""
     from sorabench.data.shapes import ATTRIBUTES
 
     n = len(read)
@@ -121,6 +183,9 @@ def binding_scores(read: torch.Tensor, labels: torch.Tensor, unseen: torch.Tenso
     if n >= 2:
         pairs = clip[: n - n % 2].view(-1, 2)
         out[f"{prefix}_twins"] = float(pairs.all(1).double().mean())
+    out.update(swap_errors(read, labels, prefix))
+    if counts is not None:
+        out[f"{prefix}_count"] = float((counts[:n] == labels.shape[1]).double().mean())
     k = labels.shape[1]
     out[f"{prefix}_chance_all"] = math.prod(1.0 / levels(labels[..., i], len(ATTRIBUTES[a]))
                                             for i, a in enumerate(ATTRS)) ** k
@@ -141,6 +206,7 @@ class Binding(Metric):
         super().__init__(**kwargs)
         self.evaluator, self.labels, self.unseen, self.unseen_pair = evaluator, labels, unseen, unseen_pair
         self.read: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
 
     @classmethod
     def from_setup(cls, setup: EvalSetup) -> Binding | None:
@@ -153,14 +219,17 @@ class Binding(Metric):
         if not real:
             start = sum(len(r) for r in self.read)
             self.read.append(read_objects(self.evaluator, videos, self.labels[start : start + len(videos), :, 0]))
+            self.counts.append(count_objects(videos.cpu()))
 
     def compute(self) -> dict[str, float]:
-        return binding_scores(torch.cat(self.read), self.labels, self.unseen, self.unseen_pair)
+        return binding_scores(torch.cat(self.read), self.labels, self.unseen, self.unseen_pair,
+                              counts=torch.cat(self.counts))
 
     def reset(self) -> None:
         super().reset()
-        self.read = []
+        self.read, self.counts = [], []
 
     @staticmethod
     def ranked_keys(keys: list[str]) -> list[str]:
-        return [k for k in keys if k.startswith("bind_") and "chance" not in k]
+        # errors are read beside the scores, not ranked (lower is better, and they are shares of cases, not clips)
+        return [k for k in keys if k.startswith("bind_") and not any(w in k for w in ("chance", "wrong", "swap"))]

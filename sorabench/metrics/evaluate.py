@@ -25,7 +25,7 @@ from rich.table import Table
 from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import attribute_schema, build_dataset, clip_fields
 from sorabench.metrics.alignment import alignment_from_logits
-from sorabench.metrics.binding import binding_scores, read_objects  # noqa: F401 - also registers `binding`
+from sorabench.metrics.binding import binding_scores, count_objects, read_objects  # noqa: F401 - registers `binding`
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance  # noqa: F401 - registers fvd, fid and kid
 from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
@@ -207,19 +207,22 @@ def binding_reference_points(evaluator, batches, labels, unseen, vae_module=None
     clips' scores are the instrument's own accuracy on this data: what a perfect generator would get."""
     noise_gen = torch.Generator().manual_seed(0)
     read = {"real": [], "noise": [], "ceiling": []}
+    counts = {source: [] for source in read}
     seen = 0
     for video in batches:
         colours = labels[seen : seen + len(video), :, 0]
         seen += len(video)
-        read["real"].append(read_objects(evaluator, video, colours))
-        read["noise"].append(read_objects(evaluator, torch.randn(video.shape, generator=noise_gen).clamp(-1, 1),
-                                          colours))
+        clips = {"real": video, "noise": torch.randn(video.shape, generator=noise_gen).clamp(-1, 1)}
         if vae_module is not None:
-            read["ceiling"].append(read_objects(evaluator, reconstruct(vae_module, video), colours))
+            clips["ceiling"] = reconstruct(vae_module, video)
+        for source, clip in clips.items():
+            read[source].append(read_objects(evaluator, clip, colours))
+            counts[source].append(count_objects(clip))
     out = {}
     for source, chunks in read.items():
         if chunks:
-            scores = binding_scores(torch.cat(chunks), labels, unseen, unseen_pair, prefix="bind")
+            scores = binding_scores(torch.cat(chunks), labels, unseen, unseen_pair, prefix="bind",
+                                    counts=torch.cat(counts[source]))
             out.update({f"eval/{source}_{k}": v for k, v in scores.items() if "chance" not in k})
     return out
 
