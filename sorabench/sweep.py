@@ -83,9 +83,12 @@ def grid_space(sweep: dict) -> dict[str, list]:
 
 
 def grid_cells(sweep: dict) -> list[dict]:
-    """Every cell of a grid sweep, in a fixed order (the product of the choices, seeds last)."""
+    """Every cell of a grid sweep, in a fixed order: seed by seed, the product of the choices within each (so every
+    configuration has its first seed before any has a second: a grid stopped early stays balanced)."""
     space = grid_space(sweep)
-    return [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+    seeds = space.pop("seed")
+    combos = list(itertools.product(*space.values()))
+    return [{**dict(zip(space, combo)), "seed": seed} for seed in seeds for combo in combos]
 
 
 def cell_id(values: dict) -> str:

@@ -104,3 +104,15 @@ def test_previews_are_upscaled_for_viewing(tmp_path):
         meta = probe(path)
         assert (meta["width"], meta["height"]) == (256, 256), path
 
+
+
+def test_grid_cells_run_seed_by_seed_so_a_cut_grid_stays_balanced():
+    from sorabench.sweep import cell_id, grid_cells
+
+    sweep = {"mode": "grid", "params": {"conditioning": {"choices": ["a", "b", "c"]}, "x": {"choices": [1, 2]}},
+             "seeds": [5, 6]}
+    cells = grid_cells(sweep)
+    assert len(cells) == 12 and len({cell_id(c) for c in cells}) == 12
+    assert [c["seed"] for c in cells] == [5] * 6 + [6] * 6  # every configuration's first seed comes first
+    assert {(c["conditioning"], c["x"]) for c in cells[:6]} == {(a, x) for a in "abc" for x in (1, 2)}
+    assert list(cells[0]) == ["conditioning", "x", "seed"] and cell_id(cells[0]) == "a-1-seed5"  # names unchanged
