@@ -39,7 +39,7 @@ from sorabench.tracking import check_tracking_uri
 COMPLETE = "COMPLETE"
 ALPHA = 0.05
 KEY_METRICS = ("eval/fvd", "eval/fid", "eval/kid", "eval/acc_all", "val/loss", "train/loss", "time/train_seconds")
-TESTED_METRICS = ("eval/acc_all",)  # tested pairwise besides the headline metric
+TESTED_METRICS = ("eval/acc_all", "eval/bind_twins")  # tested pairwise besides the headline metric, if logged
 CURVE_METRICS = ("val/loss", "train/loss")  # plotted whenever logged; eval/* only with more than one point
 PARAMS, GFLOPS = "model/params", "model/gflops"
 ID_COLUMNS = [
