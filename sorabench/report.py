@@ -383,7 +383,7 @@ def binding_tables(runs: pd.DataFrame, by: str = "strategy", order=None) -> tupl
         scores.append({by: "chance (uniform guess)", "n": "", **{c: "–" for c in cols},
                        "all": fmt(_finite(runs["eval/bind_chance_all"]).mean(), 3)})
     errors = []
-    for name in names:
+    for name in names if "eval/bind_swap_share" in runs else ():  # runs logged before binding errors had none
         g = groups[name]
         row = {by: name}
         for attr in SWAP_ATTRIBUTES:
