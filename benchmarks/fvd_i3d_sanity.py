@@ -67,7 +67,7 @@ def table(name: str, a: torch.Tensor, b: torch.Tensor, net: Timed, bs: int) -> l
 def folder_clips(root: str, n: int, frames: int) -> torch.Tensor:
     from omegaconf import OmegaConf
 
-    from sorabench.metrics.evaluate import folder_batches, video_files
+    from sorabench.commands.evaluate import folder_batches, video_files
 
     files = video_files(root)[:n]
     m = OmegaConf.create({"num_frames": frames, "frame_stride": 1, "batch_size": 8})

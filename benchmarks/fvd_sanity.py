@@ -18,9 +18,10 @@ from sorabench.config import compose_config, to_container
 from sorabench.data.module import build_dataset
 from sorabench.metrics.features import EvaluatorFeatures
 from sorabench.metrics.fvd import FrechetVideoDistance
-from sorabench.training.commands import build_dit_module, ensure_vae
+from sorabench.training.dit_run import build_dit_module
 from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
 from sorabench.training.runs import load_vae
+from sorabench.training.vae_run import ensure_vae
 
 
 def fvd(net, real: torch.Tensor, fake: torch.Tensor, batch: int = 128) -> float:

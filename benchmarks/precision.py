@@ -54,21 +54,21 @@ def _with_precision(fn, precision: str):
 
 def _with_bf16_attention(fn):
     """fn with the model's attention left in bf16 (plain SDPA), as before attention ran in fp32 on the CPU
-    (`sorabench.models.conditioning.attention`): the remedy's figure, side by side."""
+    (`sorabench.models.layers.attention`): the remedy's figure, side by side."""
     import torch.nn.functional as F
 
-    import sorabench.models.conditioning as conditioning
+    import sorabench.models.layers as layers
 
     def plain(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def run():
-        saved = conditioning.attention
-        conditioning.attention = plain
+        saved = layers.attention
+        layers.attention = plain
         try:
             fn()
         finally:
-            conditioning.attention = saved
+            layers.attention = saved
 
     return run
 

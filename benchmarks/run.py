@@ -293,7 +293,7 @@ def bench_training_loop(s: dict) -> list[Row]:
 
     from sorabench.config import compose_config
     from sorabench.latents import LatentDataModule
-    from sorabench.training.commands import build_dit_module, training_callbacks
+    from sorabench.training.dit_run import build_dit_module, training_callbacks
     from sorabench.models.text import frozen_text_encoder
     from sorabench.training.trainer import build_trainer
 
@@ -361,7 +361,7 @@ def bench_grid_workers(s: dict) -> list[Row]:
     from omegaconf import open_dict
 
     from sorabench.config import compose_config
-    from sorabench.sweep import main as sweep_main
+    from sorabench.sweep.run import run_sweep
 
     cores, k = torch.get_num_threads(), s["grid_workers"]
     overrides = [f"trainer.max_steps={s['grid_steps']}", f"trainer.val_check_interval={s['grid_steps']}",
@@ -380,15 +380,15 @@ def bench_grid_workers(s: dict) -> list[Row]:
             with open_dict(cfg):
                 cfg.overrides = overrides
             if workers == 1:  # shared assets and caches first, outside the timing
-                from sorabench.sweep import trial_config
-                from sorabench.training.commands import prepare_shared_assets
+                from sorabench.sweep.space import trial_config
+                from sorabench.training.dit_run import prepare_shared_assets
 
                 first = {"conditioning": "adaln_zero", "seed": s["grid_seeds"][0]}
                 prepare_shared_assets(trial_config(cfg, OmegaConf.to_container(cfg.sweep, resolve=True), first,
                                                    "grid-check"), caches=True)
             trials = len(cfg.sweep.params.conditioning.choices) * len(s["grid_seeds"])
             t0 = time.perf_counter()
-            sweep_main(cfg)
+            run_sweep(cfg)
             wall = time.perf_counter() - t0
             torch.set_num_threads(cores)
             rates[workers] = trials * s["grid_steps"] * int(compose_config("train", []).data.batch_size) / wall

@@ -14,17 +14,17 @@ from sorabench.tracking import quiet_libraries
 
 # command -> (config under conf/, "module:function" taking the composed config, one-line description)
 COMMANDS = {
-    "data": ("data", "sorabench.data.commands:main", "data preview|check: write sample clips, or validate a folder"),
-    "train-vae": ("train_vae", "sorabench.training.commands:train_vae", "train the video VAE"),
-    "encode": ("encode", "sorabench.training.commands:encode", "cache VAE latents of a dataset"),
-    "train": ("train", "sorabench.training.commands:train", "train the DiT on cached latents"),
-    "sample": ("sample", "sorabench.training.commands:sample", "sample clips from a DiT checkpoint for a prompt"),
+    "data": ("data", "sorabench.commands.data:main", "data preview|check: write sample clips, or validate a folder"),
+    "train-vae": ("train_vae", "sorabench.commands.train:train_vae", "train the video VAE"),
+    "encode": ("encode", "sorabench.commands.train:encode", "cache VAE latents of a dataset"),
+    "train": ("train", "sorabench.commands.train:train", "train the DiT on cached latents"),
+    "sample": ("sample", "sorabench.commands.train:sample", "sample clips from a DiT checkpoint for a prompt"),
     "train-evaluator": (
-        "train_evaluator", "sorabench.training.commands:train_evaluator", "train the attribute classifier for metrics"
+        "train_evaluator", "sorabench.commands.train:train_evaluator", "train the attribute classifier for metrics"
     ),
-    "evaluate": ("evaluate", "sorabench.metrics.evaluate:main", "FVD, FID, KID and text alignment of a checkpoint"),
-    "sweep": ("sweep", "sorabench.sweep:main", "run an Optuna study of DiT trials (grid ablation or search)"),
-    "report": ("report", "sorabench.report:main", "compare strategies from MLflow runs: tables, tests, plots"),
+    "evaluate": ("evaluate", "sorabench.commands.evaluate:main", "FVD, FID, KID and text alignment of a checkpoint"),
+    "sweep": ("sweep", "sorabench.commands.sweep:main", "run an Optuna study of DiT trials (grid ablation or search)"),
+    "report": ("report", "sorabench.commands.report:main", "compare strategies from MLflow runs: tables, tests, plots"),
 }
 SUBCOMMANDS = {"data": ("preview", "check")}
 OPTIONAL_SUBCOMMANDS = {"sweep": ("status",)}  # `sorabench sweep ...` runs a sweep; `sweep status` shows one

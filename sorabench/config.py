@@ -2,7 +2,7 @@
 
 Every command has one YAML under `conf/` (`train.yaml`, `sweep.yaml`, ...) composed from config groups that mirror
 the code (`data/`, `vae/`, `dit/`, `conditioning/`, `text_encoder/`, `diffusion/`, `trainer/`, `metrics/`, `sweep/`).
-The same `compose_config` builds each Optuna trial's config in `sweep.py`.
+The same `compose_config` builds each Optuna trial's config in `sweep/space.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Inside the package, so an installed wheel finds its configs (in a checkout, sorabench/conf links to conf/).
@@ -26,6 +25,13 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it. The CLI prints it on one line and exits with 2."""
 
 
+# `train.yaml` and `evaluate.yaml` pick `optional metrics: default_for_${data}`: a dataset may bring its own metrics
+# default (conf/metrics/default_for_folder.yaml: standard FVD with the I3D). One that brings none (a new dataset is
+# one module + one YAML) is scored by the embedded evaluator trained on its own labels; an unlabelled one is then told
+# to use metrics=i3d (`sorabench.metrics.evaluate.check_evaluator_data`).
+FALLBACK_METRICS = "evaluator"
+
+
 def compose_config(config_name: str, overrides: list[str], command: str | None = None) -> DictConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides; struct mode, so an unknown key is an error, and the
     typed schema (`check_types`), so a value of the wrong type is an error naming its key. The user's plugins
@@ -35,14 +41,9 @@ def compose_config(config_name: str, overrides: list[str], command: str | None =
     overrides = with_plugin_configs(overrides, load_plugins(overrides))
     head = [f"command={command or config_name}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        try:
-            cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
-        except MissingConfigException as e:
-            # A dataset with no conf/metrics/default_for_<data>.yaml (a new one: one module + one YAML) is scored by
-            # the embedded evaluator trained on its own labels; an unlabelled one is then told to use metrics=i3d.
-            if "metrics/default_for_" not in str(e) or group_choices(overrides, {"metrics"}):
-                raise
-            overrides = [*overrides, "metrics=evaluator"]
+        cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
+        if "metrics" in cfg.hydra.runtime.choices and "metrics" not in cfg:  # the dataset brings no metrics default
+            overrides = [*overrides, f"metrics={FALLBACK_METRICS}"]
             cfg = compose(config_name=config_name, overrides=[*head, *overrides], return_hydra_config=True)
         choices = set(cfg.hydra.runtime.choices)  # the config groups this config really selects from
         with open_dict(cfg):

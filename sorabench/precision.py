@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-MIN_CPU_SPEEDUP = 1.5  # bf16's rounding is worth it only for a clear gain; well clear of the ~1.1-1.2x measured on AMX
+MIN_CPU_SPEEDUP = 1.5  # bf16's rounding is worth it only for a clear gain (measured speedups: benchmarks/RESULTS.md)
 
 
 def lightning_precisions() -> tuple[str, ...]:

@@ -242,3 +242,179 @@ def quiet_libraries():
         ".*does not have many workers.*",  # in-memory datasets need no loader workers
     ):
         warnings.filterwarnings("ignore", message=message)
+
+
+# ---- evaluation ----
+
+
+def set_run_tags(logger, tags: dict[str, str]):
+    """Tag the run behind a Lightning MLflow logger (an evaluation's protocol fields), one tag at a time in order."""
+    for key, value in tags.items():
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
+# ---- sweeps ----
+# A sweep's study is one MLflow experiment named after it: a parent run for the study, a child run per trial (made
+# by `train`, under `sorabench.name` = `<study>/<cell>`), runs-table views shared through experiment tags.
+
+
+def ensure_parent_run(cfg: DictConfig) -> str:
+    """The parent run of the study `cfg.study` (the one tagged `sorabench.role=study`, or a new one), in the
+    experiment of that name (made if missing)."""
+    import mlflow
+
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.study)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(cfg.study, artifact_location=f"{cfg.mlflow.artifact_location}/{cfg.study}")
+    )
+    tag_experiment_kind(client, experiment_id)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`sorabench.role` = 'study' and tags.`sorabench.study` = '{cfg.study}'"
+    )
+    if existing:
+        return existing[0].info.run_id
+    tags = {
+        "sorabench.role": "study",
+        "sorabench.study": cfg.study,
+        "mlflow.runName": f"study-{cfg.study}",
+        "git_commit": git_commit(),
+        "package_versions": str(package_versions()),
+        "sweep_yaml": OmegaConf.to_yaml(cfg.sweep)[:5000],
+    }
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
+def share_study_view(cfg: DictConfig, parent_run_id: str, metrics: list[str], params: list[str] = (),
+                     ascending: bool = True) -> dict[str, str]:
+    """Store two runs-table views of the study's experiment and return their addresses: `runs`, every run with
+    `metrics` and `params` as columns, sorted by the first metric; and `by_strategy`, one row per conditioning
+    strategy (the run tag `sorabench.strategy`) holding the mean over its runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    views = {"runs": SHARED_VIEW_KEY, "by_strategy": f"{SHARED_VIEW_KEY}-by-strategy"}
+    share_runs_view(client, experiment_id, metrics, params, order_by=metrics[0], ascending=ascending)
+    share_runs_view(client, experiment_id, metrics, order_by=metrics[0], ascending=ascending,
+                    group_by_tag="sorabench.strategy", key=views["by_strategy"])
+    return {name: experiment_url(cfg.mlflow.tracking_uri, experiment_id, view=key) for name, key in views.items()}
+
+
+def set_parent_status(cfg: DictConfig, run_id: str | None, status: str):
+    """The study's parent run is RUNNING while workers have trials to run, FINISHED when the study is done."""
+    if run_id is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+
+
+def set_parent_tags(cfg: DictConfig, run_id: str | None, tags: dict[str, str]):
+    """Tags of the study's parent run that the sweep knows only once its study is open (its protocol hash, picks)."""
+    if run_id is None or not tags:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:5000])
+
+
+def mark_run(tcfg: DictConfig, state: str, reason: str | None):
+    """Record a trial's Optuna state (and a failure reason) on its MLflow child run, and end that run."""
+    recorded = read_run_id(tcfg.run_dir) if tcfg.mlflow.enabled else None
+    if recorded is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tcfg.mlflow.tracking_uri)
+    run_id = recorded["run_id"]
+    client.set_tag(run_id, "optuna.state", state)
+    client.set_tag(run_id, "failure_reason", (reason or "")[:5000])  # a resumed, completed run clears the old one
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[state]
+    client.set_terminated(run_id, status=status)
+
+
+def mlflow_children(cfg: DictConfig) -> dict[str, dict]:
+    """The study's child runs by `sorabench.name` (`<study>/<cell>`): status and metrics ({} without MLflow)."""
+    if not cfg.mlflow.enabled:
+        return {}
+    import mlflow
+
+    check_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.study)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`mlflow.parentRunId` != ''",
+                              max_results=10000)
+    # runs made before NAME_TAG existed were named so in MLflow too
+    return {r.data.tags.get(NAME_TAG) or r.data.tags.get("mlflow.runName", r.info.run_name):
+            {"status": r.info.status, **r.data.metrics} for r in runs}
+
+
+# ---- report ----
+# `sorabench report` reads one experiment's runs and metric histories, and logs its files and per-row means to the
+# study's parent run.
+
+
+def open_store(uri: str):
+    """A client of an existing store: a report reads runs, so a missing sqlite file is an error, not a new store."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite"):
+        db = Path(uri.split("///", 1)[-1])
+        if not db.is_file():
+            raise ConfigError(f"mlflow.tracking_uri={uri!r}: no MLflow database at {db} (run a sweep first, "
+                              "or point outputs= / mlflow.tracking_uri at the study's store)")
+    check_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_names(client) -> list[str]:
+    return [e.name for e in client.search_experiments()]
+
+
+def active_experiment_id(client, name: str) -> str | None:
+    """The id of the experiment `name`, None if there is none or it was deleted."""
+    experiment = client.get_experiment_by_name(name)
+    return None if experiment is None or experiment.lifecycle_stage != "active" else experiment.experiment_id
+
+
+def search_all_runs(client, experiment_id: str) -> list:
+    """Every run of an experiment, page by page."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def metric_history(client, run_id: str, metric: str) -> list:
+    """Every logged point (step, timestamp, value) of one metric of one run."""
+    return client.get_metric_history(run_id, metric)
+
+
+def log_files(client, run_id: str, paths: list[Path], artifact_path: str):
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_metric_values(client, run_id: str, values: dict[str, float]):
+    """Log {key: value} on a run at step 0, now, in batches of MLflow's limit of 1000."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, value, now, 0) for key, value in values.items()]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])

@@ -15,6 +15,7 @@ TINY = [
     "data.split_sizes.val=16",
     "data.split_sizes.test=32",
     "data.split_sizes.unseen=8",
+    "data.split_sizes.final=32",
     "data.batch_size=16",
     "vae.max_steps=4",
     "vae.model.base_channels=8",

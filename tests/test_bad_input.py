@@ -69,7 +69,7 @@ def test_schema_accepts_what_the_defaults_allow():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from sorabench.training.commands import train
+    from sorabench.training.dit_run import train
     from tests.conftest import TINY
 
     outputs = tmp_path_factory.mktemp("trained") / "outputs"
@@ -141,8 +141,8 @@ def test_empty_prompt_is_an_error_and_a_long_one_a_warning(trained, tmp_path, ca
 
 
 def test_progress_bar_counts_steps_and_cannot_end_a_run(tiny_overrides, capsys, monkeypatch):
-    from sorabench.training.commands import train
-    from sorabench.training.trainer import StepProgressBar
+    from sorabench.training.dit_run import train
+    from sorabench.training.callbacks import StepProgressBar
 
     overrides = [*tiny_overrides, "evaluate.enabled=false", "mlflow.enabled=false", "trainer.progress_bar=true"]
     train(compose_config("train", [*overrides, "name=bar"], command="train"))
@@ -165,7 +165,7 @@ def test_resumed_run_reports_exactly_what_an_uninterrupted_run_reports(tiny_over
     import lightning as L
 
     import sorabench.metrics.evaluate as ev
-    from sorabench.training.commands import train
+    from sorabench.training.dit_run import train
 
     calls = []
     original = ev.evaluate_module
@@ -247,6 +247,29 @@ def test_own_videos_fail_before_compute_saying_what_to_change(tiny_overrides, fo
     with caplog.at_level(logging.INFO):
         assert main(["train", *overrides, *folder, "evaluate.enabled=false", "mlflow.enabled=false"]) == 0
     assert "weights_only` was not set" not in caplog.text
+
+
+def test_evaluator_on_other_data_takes_effect_in_train(tiny_overrides, four_videos, capsys):
+    """`metrics.evaluator_on_other_data=true` is one check, the same in `train` as in `evaluate`: your own videos are
+    scored with an evaluator trained on shapes, which an unlabelled dataset cannot train, so it is given."""
+    outputs = tiny_overrides[0]
+    overrides = [o for o in tiny_overrides if not o.startswith(("data.split_sizes", "metrics."))]
+    folder = ["data=folder", f"data.root={four_videos}", "data.num_frames=12", "data.val_fraction=0.5",
+              "data.test_fraction=0", "data.batch_size=2"]
+    evaluator = ["metrics=evaluator", "metrics.evaluator_on_other_data=true", "metrics.num_frames=12",
+                 "metrics.real_split=val", "metrics.n_real=2", "metrics.n_samples=2", "metrics.batch_size=2",
+                 "metrics.num_seeds=1", "metrics.sample_steps=2", "metrics.kid_subsets=2"]
+    assert main(["train", *overrides, *folder, *evaluator]) == 2  # nothing to train an evaluator on: say so first
+    assert "metrics.evaluator_checkpoint" in one_line_error(capsys) and nothing_trained(tiny_overrides)
+    shapes = [outputs, *[o for o in tiny_overrides if o.startswith("data.split_sizes")], "metrics.evaluator.width=8",
+              "metrics.evaluator.max_steps=4", "trainer.progress_bar=false", "mlflow.enabled=false"]
+    assert main(["train-evaluator", *shapes]) == 0
+    ckpt = Path(outputs.split("=", 1)[1]) / "train_evaluator" / "default" / "checkpoints" / "last.ckpt"
+    assert main(["train", *overrides, *folder, *evaluator, f"metrics.evaluator_checkpoint={ckpt}", "name=own",
+                 "mlflow.enabled=false"]) == 0
+    result = json.loads((Path(outputs.split("=", 1)[1]) / "train" / "own" / "result.json").read_text())
+    assert {"eval/fvd", "eval/fid"} <= set(result["metrics"])  # the evaluator's features, on the folder's clips
+    assert not any("acc_" in k for k in result["metrics"])  # no labels: nothing to read the clips' attributes against
 
 
 # ---- case 5: caches of folder data are keyed by content --------------------------------------------------------

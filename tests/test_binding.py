@@ -116,7 +116,7 @@ def test_a_small_object_is_drawn_over_a_large_one(small_first):
 
 
 def test_a_binding_run_trains_and_is_scored_object_by_object(tmp_path):
-    from sorabench.training.commands import train
+    from sorabench.training.dit_run import train
     from tests.conftest import TINY
 
     c = compose_and_check(tmp_path, *TINY, "mlflow.enabled=false")
@@ -178,7 +178,7 @@ def test_object_layers_are_each_object_alone_with_its_own_labels():
 
 
 def compose_and_check(tmp_path, *overrides):
-    from sorabench.training.commands import validate_train_config
+    from sorabench.training.dit_run import validate_train_config
 
     c = compose_config("train", [f"outputs={tmp_path}", "data.num_objects=2", *overrides], command="train")
     validate_train_config(c)
@@ -186,7 +186,7 @@ def compose_and_check(tmp_path, *overrides):
 
 
 def test_three_object_captions_need_a_longer_text_encoder():
-    from sorabench.training.commands import check_caption_lengths
+    from sorabench.training.dit_run import check_caption_lengths
 
     over = ["data.num_objects=3", "data.split_sizes.train=512"]
     with pytest.raises(ConfigError, match=r"text_encoder.max_length=32 cuts \d+ of 512 training captions"):

@@ -9,9 +9,10 @@ from rich.console import Console
 
 from sorabench.config import compose_config
 from sorabench.data.video_io import probe, view_scale, write_gif, write_video
-from sorabench.sweep import create_study, make_storage, print_table, record_cell_params, schedule, \
-    share_study_view, trial_config, trial_values
-from sorabench.tracking import SHARED_VIEW_KEY, SHARED_VIEW_TAG, experiment_url
+from sorabench.sweep.space import record_cell_params, trial_config, trial_values, view_columns
+from sorabench.sweep.status import print_table
+from sorabench.sweep.study import create_study, make_storage, schedule
+from sorabench.tracking import SHARED_VIEW_KEY, SHARED_VIEW_TAG, experiment_url, share_study_view
 
 COLUMNS = ("cell", "trial", "state", "host", "objective", "mlflow")
 ROW = ["cross_attention-seed2", "5", "COMPLETE", "worker-host-with-a-long-name:123456", "312.4567",
@@ -81,7 +82,7 @@ def test_study_opens_on_its_runs_table_with_the_comparison_columns(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     exp = client.create_experiment(cfg.study, artifact_location=str(tmp_path / "art"))
     parent = client.create_run(exp).info.run_id
-    urls = share_study_view(cfg, sweep, parent)
+    urls = share_study_view(cfg, parent, *view_columns(sweep))
     assert urls["runs"] == f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=" \
                   f"{SHARED_VIEW_KEY}"
     envelope = json.loads(client.get_experiment(exp).tags[SHARED_VIEW_TAG + SHARED_VIEW_KEY])
@@ -107,7 +108,7 @@ def test_previews_are_upscaled_for_viewing(tmp_path):
 
 
 def test_grid_cells_run_seed_by_seed_so_a_cut_grid_stays_balanced():
-    from sorabench.sweep import cell_id, grid_cells
+    from sorabench.sweep.space import cell_id, grid_cells
 
     sweep = {"mode": "grid", "params": {"conditioning": {"choices": ["a", "b", "c"]}, "x": {"choices": [1, 2]}},
              "seeds": [5, 6]}

@@ -173,10 +173,13 @@ def test_configs_build(path):
     """Every shipped objective YAML builds with its own options and trains and samples a tiny model."""
     options = yaml.safe_load(path.read_text())
     diffusion = build_diffusion(**options)
-    assert diffusion.sample_steps == options["sample_steps"]
-    model, x0, cond = tiny_dit(), smooth_clips(2), text(2)
+    model, x0, cond = tiny_dit(diffusion), smooth_clips(2), text(2)
     loss = diffusion.training_loss(model, x0, cond, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss > 0
+    counting = Counting(model)  # sampling without guidance: one forward per step, the YAML's sample_steps of them
+    sample = diffusion.sample(counting, x0.shape, cond, generator=torch.Generator().manual_seed(0))
+    assert len(counting.batches) == options["sample_steps"] and sample.shape == x0.shape
+    assert torch.isfinite(sample).all()
 
 
 def test_unknown_diffusion():

@@ -9,22 +9,17 @@ import yaml
 from torch import nn
 
 from sorabench.diffusion import RectifiedFlow
-from sorabench.models.conditioning import (
-    STRATEGIES,
-    BlockSpec,
-    ConditioningStrategy,
-    FinalLayer,
-    Mlp,
-    SelfAttention,
-    register,
-)
+from sorabench.models.blocks import FinalLayer
+from sorabench.models.conditioning import STRATEGIES, ConditioningStrategy, JointSequence, register
 from sorabench.models.dit import DiT, forward_flops, patchify, unpatchify
+from sorabench.models.layers import BlockSpec, Mlp, SelfAttention
 from sorabench.models.text import TextEmbedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Every registered strategy (a new one cannot skip the shape and overfit tests); each has its YAML (checked below).
 STRATEGY_NAMES = sorted(STRATEGIES)
-JOINT_SEQUENCE = ["mmdit", "double_single", "expert_adaln"]  # text tokens updated through depth (SD3, Flux, CogVideoX)
+# Text tokens updated through depth on one joined [text; video] sequence (SD3, Flux, CogVideoX).
+JOINT_SEQUENCE = [name for name in STRATEGY_NAMES if issubclass(STRATEGIES[name], JointSequence)]
 LATENT = (4, 4, 8, 8)  # (C, T, H, W): 4 frames of 4×4 tokens with patch (1, 2, 2)
 TEXT_DIM = 16
 

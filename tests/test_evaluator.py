@@ -121,7 +121,7 @@ def test_a_weak_evaluator_stops_the_run_with_one_line(tmp_path):
         with pytest.raises(ConfigError, match=r"metrics.evaluator_min_accuracy=0.99: .* reads held-out test clips at"):
             ensure_evaluator(cfg)
     # `train` checks the floor before the DiT trains: no DiT checkpoint is written
-    from sorabench.training.commands import train
+    from sorabench.training.dit_run import train
 
     with pytest.raises(ConfigError, match="evaluator_min_accuracy"):
         train(cfg)

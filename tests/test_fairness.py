@@ -68,7 +68,7 @@ def test_every_text_pathway_with_every_timestep_pathway_builds_and_starts_at_zer
 
 
 def test_held_equal_timestep_is_adaln_zero_modulation_without_a_t_token():
-    from sorabench.models.conditioning import ModulatedBlock
+    from sorabench.models.blocks import ModulatedBlock
 
     x, t, text = inputs()
     for name in ("in_context", "cross_attention"):
@@ -99,7 +99,9 @@ def test_timestep_axis_errors_and_labels():
 
 def test_flops_budget_gives_every_strategy_the_reference_training_flops():
     from sorabench.models.text import LearnedTextEncoder
+    from sorabench.config import ConfigError, compose_config
     from sorabench.training.dit_module import DiTModule, flops_budget_steps
+    from sorabench.training.dit_run import budget_reference
 
     captions = ["a red circle moving left", "a big blue square moving up quickly", "green triangle"]
 
@@ -109,12 +111,15 @@ def test_flops_budget_gives_every_strategy_the_reference_training_flops():
                          text_encoder={"name": "learned", "width": 16, "depth": 1, "heads": 2, "max_length": 32},
                          vocab=LearnedTextEncoder.from_captions(captions).vocab)
 
+    # the reference strategy's config, composed as conditioning=adaln_zero is (its YAML options included)
+    reference = budget_reference(compose_config("train", ["budget=flops", "budget_reference=adaln_zero"]))
+    assert reference == {"name": "adaln_zero", "timestep": "adaln_zero"}
     ref = module("adaln_zero")
-    assert flops_budget_steps(ref, captions, "adaln_zero", 1000) == 1000
+    assert flops_budget_steps(ref, captions, reference, 1000) == 1000
     for name in ("in_context", "mmdit"):
         m = module(name)
-        steps = flops_budget_steps(m, captions, "adaln_zero", 1000)
+        steps = flops_budget_steps(m, captions, reference, 1000)
         ratio = ref.gflops(captions) / m.gflops(captions)
         assert steps < 1000 and steps == round(1000 * ratio)  # costlier per step: fewer steps, equal FLOPs
-    with pytest.raises(ValueError, match="budget_reference='nope'"):
-        flops_budget_steps(ref, captions, "nope", 10)
+    with pytest.raises(ConfigError, match="budget_reference='nope'"):
+        budget_reference(compose_config("train", ["budget=flops", "budget_reference=nope"]))

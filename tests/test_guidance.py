@@ -148,7 +148,7 @@ def axis_runs(select: bool = True):
 
 
 def test_best_scale_is_chosen_on_val_and_reported_on_test():
-    from sorabench.report import best_scales, default_scale, guidance_summary
+    from sorabench.report.guidance import best_scales, default_scale, guidance_summary
 
     runs = axis_runs()
     g = guidance_summary(runs)
@@ -179,7 +179,7 @@ def test_report_plots_the_axis_and_tables_the_best_scale(tmp_path, capsys):
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from sorabench.report import main
+    from sorabench.commands.report import main
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("g", artifact_location=str(tmp_path / "mlartifacts"))
@@ -213,7 +213,7 @@ def test_evaluate_ckpt_logs_into_a_child_run_never_the_checkpoints_own(tmp_path)
 
     from mlflow import MlflowClient
 
-    from sorabench.metrics.evaluate import evaluation_logger
+    from sorabench.commands.evaluate import evaluation_logger
 
     cfg = evaluate_cfg(tmp_path, "name=recheck")
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)

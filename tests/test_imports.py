@@ -35,13 +35,13 @@ def test_the_checks_find_a_cycle_and_read_function_level_imports(tmp_path):
     (pkg / "training").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "training" / "__init__.py").write_text("")
-    (pkg / "training" / "commands.py").write_text("from sorabench.metrics import evaluate\n")
+    (pkg / "training" / "dit_run.py").write_text("from sorabench.metrics import evaluate\n")
     (pkg / "metrics").mkdir()
     (pkg / "metrics" / "__init__.py").write_text("")
-    (pkg / "metrics" / "evaluate.py").write_text("def f():\n    from sorabench.training.commands import g\n")
-    (pkg / "files.py").write_text("def h():\n    import sorabench.training.commands\n")
+    (pkg / "metrics" / "evaluate.py").write_text("def f():\n    from sorabench.training.dit_run import g\n")
+    (pkg / "files.py").write_text("def h():\n    import sorabench.training.dit_run\n")
     graph = import_graph(pkg)
-    assert cycles(graph) == [["sorabench.metrics.evaluate", "sorabench.training.commands",
+    assert cycles(graph) == [["sorabench.metrics.evaluate", "sorabench.training.dit_run",
                               "sorabench.metrics.evaluate"]]
-    assert upward_edges(graph) == [("sorabench.files", "sorabench.training.commands")]
+    assert upward_edges(graph) == [("sorabench.files", "sorabench.training.dit_run")]
     assert PACKAGE_DIR.name == "sorabench"

@@ -497,7 +497,7 @@ def test_a_metric_registered_outside_the_package(tmp_path):
 
     from sorabench.config import ConfigError, compose_config
     from sorabench.metrics.evaluate import check_metrics_config, evaluate_videos
-    from sorabench.report import metric_direction
+    from sorabench.report.stats import metric_direction
 
     # the evaluator metrics config with one line changed, in a config dir of its own (hydra.searchpath)
     (tmp_path / "metrics").mkdir()

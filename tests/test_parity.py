@@ -7,15 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorabench.models.conditioning import (
-    BlockSpec,
-    Context,
-    DoubleStreamBlock,
-    ExpertAdaLNBlock,
-    JointCond,
-    SingleStreamBlock,
-)
-from tests.test_dit import inputs, random_text, tiny_dit
+from sorabench.models.blocks import Context, DoubleStreamBlock, ExpertAdaLNBlock, JointCond, SingleStreamBlock
+from sorabench.models.layers import BlockSpec
+from tests.test_dit import JOINT_SEQUENCE, inputs, random_text, tiny_dit
 
 diffusers = pytest.importorskip("diffusers")  # a `test` extra dependency: installed in CI, so this never skips there
 
@@ -149,7 +143,6 @@ def test_expert_adaln_block_matches_diffusers_cogvideox_block():
 
 # ---- the strategies in the DiT: masks, the null condition, the Flux split, zero init --------------------------
 
-JOINT = ["mmdit", "double_single", "expert_adaln"]
 
 
 def randomised_dit(name: str, **options):
@@ -163,7 +156,7 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", JOINT)
+@pytest.mark.parametrize("name", JOINT_SEQUENCE)
 def test_padding_text_tokens_are_never_attended(name):
     model = randomised_dit(name)
     x, t, _ = inputs()
@@ -179,7 +172,7 @@ def test_padding_text_tokens_are_never_attended(name):
         assert not same(model(x, t, text), model(x, t, random_text(2, length=4, lengths=[4, 2], seed=9)))
 
 
-@pytest.mark.parametrize("name", JOINT)
+@pytest.mark.parametrize("name", JOINT_SEQUENCE)
 def test_null_condition_and_caption_dropout(name):
     model = randomised_dit(name)
     x, t, text = inputs()

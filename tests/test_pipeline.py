@@ -13,7 +13,7 @@ import torch
 from sorabench.cli import main
 from sorabench.config import compose_config
 from sorabench.precision import resolve
-from sorabench.training.commands import train
+from sorabench.training.dit_run import train
 
 
 def test_train_logs_everything_and_reuses_shared_assets(tiny_overrides, tmp_path):

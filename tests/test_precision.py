@@ -41,7 +41,7 @@ def test_calibration_measures_a_positive_ratio():
 
 
 def test_cpu_bf16_attention_runs_in_fp32_and_returns_bf16():
-    from sorabench.models.conditioning import attention
+    from sorabench.models.layers import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 40, 32, generator=g) for _ in range(3))

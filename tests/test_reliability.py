@@ -24,8 +24,8 @@ from omegaconf import open_dict
 from sorabench.cli import main
 from sorabench.config import ConfigError, compose_config
 from sorabench.data.video_io import write_video
-from sorabench.sweep import cell_values
-from sorabench.training.commands import train
+from sorabench.sweep.space import cell_values
+from sorabench.training.dit_run import train
 from sorabench.training.runs import load_checkpoint_module, load_dit
 from sorabench.training.dit_module import DiTModule
 from tests.conftest import TINY
@@ -204,13 +204,13 @@ def test_nan_loss_fails_only_that_trial_with_its_reason(tmp_path, monkeypatch):
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(DiTModule, "training_step", nan_for_in_context)
-    from sorabench.sweep import main as sweep_main
+    from sorabench.sweep.run import run_sweep
 
     cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", "sweep.params.conditioning.choices=[adaln_zero,in_context]",
                                    "sweep.seeds=[0]", "report=false"], command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
     by_strategy = {cell_values(t)["conditioning"]: t for t in study.trials}
     assert by_strategy["adaln_zero"].state == optuna.trial.TrialState.COMPLETE

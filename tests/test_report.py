@@ -6,20 +6,20 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from sorabench.commands.report import main
 from sorabench.config import ConfigError, compose_config
-from sorabench.report import (
+from sorabench.report.attributes import composition
+from sorabench.report.reading import reading
+from sorabench.report.stats import (
     ALPHA,
     aggregate_history,
-    composition,
     holm,
     holm_across,
-    main,
     mean_ci95,
     metric_direction,
     min_mannwhitney_p,
     pairwise_tests,
     rank_strategies,
-    reading,
     summarise,
 )
 
@@ -126,7 +126,7 @@ def test_composition_gap_is_paired_and_states_chance():
 
 
 def test_attributes_follow_the_logged_label_schema():
-    from sorabench.report import attribute_order
+    from sorabench.report.attributes import attribute_order
 
     found = ["speed", "all", "colour", "texture"]
     assert attribute_order(found) == ["all", "colour", "speed", "texture"]  # no schema logged: by name
@@ -153,7 +153,7 @@ def test_aggregate_history_mean_band_and_resumed_duplicates():
 def test_power_analysis_matches_the_textbook_and_simulation():
     from scipy import stats
 
-    from sorabench.report import power_analysis
+    from sorabench.report.stats import power_analysis
 
     # d = 1 (diff 1, sd 1): a two-sided two-sample t-test needs 17 per group for 80% power at 0.05 (Cohen 1988).
     runs = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [1.0, 2.0, 3.0, 0.0, 1.0, 2.0]})
@@ -176,7 +176,7 @@ def test_power_analysis_matches_the_textbook_and_simulation():
 def test_power_is_that_of_the_reports_own_decision_welch_at_holms_level():
     from scipy import stats
 
-    from sorabench.report import headline_power, power_analysis, rank_strategies, summarise
+    from sorabench.report.stats import headline_power, power_analysis, rank_strategies, summarise
 
     # a learns on every seed (tight), b on one seed of three (wide): Student's pooled test would overstate power
     runs = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "m": [0.83, 0.84, 0.86, 0.52, 0.16, 0.18]})
@@ -398,7 +398,7 @@ def test_missing_store_is_config_error(tmp_path):
 
 
 def test_budget_line_states_the_budget():
-    from sorabench.report import budget_line
+    from sorabench.report.markdown import budget_line
 
     flops = pd.DataFrame({"params.budget": ["flops", "flops"], "params.budget_reference": ["adaln_zero"] * 2,
                           "params.trainer.max_steps": ["1200", "800"]})
@@ -411,7 +411,7 @@ def test_budget_line_states_the_budget():
 
 
 def test_group_labels_keep_configurations_apart():
-    from sorabench.report import group_keys, group_labels
+    from sorabench.report.runs import group_keys, group_labels
 
     runs = pd.DataFrame({"strategy": ["a", "a", "b"], "params.optim.lr": ["0.001", "0.002", "0.001"]})
     assert list(group_labels(runs, ["strategy"])) == ["a", "a", "b"]
@@ -423,7 +423,7 @@ def test_group_labels_keep_configurations_apart():
 
 
 def test_pareto_front_is_the_non_dominated_runs():
-    from sorabench.report import pareto_front
+    from sorabench.report.stats import pareto_front
 
     runs = pd.DataFrame({"fvd": [10.0, 8.0, 12.0, 8.0, 5.0, np.nan], "gflops": [1.0, 2.0, 1.5, 3.0, 9.0, 0.1]})
     front = pareto_front(runs, [("fvd", "minimize"), ("gflops", "minimize")])
@@ -462,6 +462,12 @@ def search_store(tmp_path_factory):
                          params=[Param("seed", str(seed)), Param("conditioning.name", strategy),
                                  Param("dit.width", str(width))])
         client.set_terminated(run.info.run_id, "FINISHED")
+    tags = {"mlflow.parentRunId": pid, "sorabench.strategy": "in_context", "optuna.trial_number": str(len(cells)),
+            "optuna.state": "FAIL", "failure_reason": "boom"}
+    run = client.create_run(exp, run_name=f"trial_{len(cells)}", tags=tags)
+    client.log_batch(run.info.run_id, params=[Param("seed", "1"), Param("conditioning.name", "in_context"),
+                                              Param("dit.width", "96")])
+    client.set_terminated(run.info.run_id, "FAILED")
     return outputs
 
 
@@ -473,7 +479,7 @@ def test_report_groups_by_a_config_key_and_draws_the_pareto_front(search_store, 
 
     assert main(report_cfg(outputs, f"study={SEARCH}", "name=grouped", "group_by=[strategy,dit.width]")) == 0
     out_dir = outputs / "report" / "grouped"
-    summary = pd.read_csv(out_dir / "summary.csv").set_index("strategy")
+    summary = pd.read_csv(out_dir / "summary.csv").set_index("group")  # the row label has a column of its own
     assert sorted(summary.index) == ["adaln_zero, dit.width=192", "adaln_zero, dit.width=96",
                                      "in_context, dit.width=192", "in_context, dit.width=96"]
     assert summary.loc["adaln_zero, dit.width=96", "n"] == 2
@@ -494,6 +500,22 @@ def test_report_groups_by_a_config_key_and_draws_the_pareto_front(search_store, 
     capsys.readouterr()
 
 
+def test_group_by_keeps_each_runs_strategy(search_store, capsys):
+    # The row label (here the width alone) goes to its own column: `strategy` still names each run's conditioning,
+    # so the failed run is listed under its strategy, not under its row label.
+    outputs = search_store
+    assert main(report_cfg(outputs, f"study={SEARCH}", "name=width", "group_by=dit.width")) == 0
+    out_dir = outputs / "report" / "width"
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert "strategy" not in summary and sorted(summary.group) == ["dit.width=192", "dit.width=96"]
+    md = (out_dir / "report.md").read_text()
+    failed = md.split("## Failed, pruned and unfinished runs")[1].split("##")[0]
+    assert "| in_context | 1 | FAIL | boom |" in failed and "dit.width=96" not in failed
+    assert "| rank | dit.width | n |" in md
+    out = capsys.readouterr().out  # the terminal's table: the same rows
+    assert out.startswith("dit.width by eval/fvd") and "dit.width=96" in out and "dit.width=192" in out
+
+
 def test_group_by_a_key_no_run_logged_is_one_line(search_store, capsys):
     from sorabench.cli import main as cli
 
@@ -505,7 +527,7 @@ def test_group_by_a_key_no_run_logged_is_one_line(search_store, capsys):
 def test_mann_whitney_is_exact_with_ties():
     import itertools
 
-    from sorabench.report import mannwhitney_exact
+    from sorabench.report.stats import mannwhitney_exact
 
     x, y = np.array([0.2, 0.2, 0.3]), np.array([0.1, 0.1, 0.2])  # seeds at the same accuracy tie
     pooled = np.concatenate([x, y])
@@ -524,7 +546,7 @@ def test_mann_whitney_is_exact_with_ties():
 
 
 def test_accuracy_intervals_stay_inside_zero_and_one():
-    from sorabench.report import fmt_ci, metric_bounds
+    from sorabench.report.formatting import fmt_ci, metric_bounds
 
     assert metric_bounds("eval/acc_all") == (0.0, 1.0) and metric_bounds("eval/fvd") is None
     assert fmt_ci(0.198, 0.25, metric_bounds("eval/acc_all")) == "0.198 [0, 0.45]"
@@ -534,7 +556,7 @@ def test_accuracy_intervals_stay_inside_zero_and_one():
 def test_equivalence_needs_tost_inside_the_declared_margin():
     from statsmodels.stats.weightstats import ttost_ind
 
-    from sorabench.report import equivalence_tests
+    from sorabench.report.stats import equivalence_tests
 
     runs = pd.DataFrame({"strategy": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
                          "m": [0.90, 0.91, 0.92, 0.91, 0.91, 0.90, 0.92, 0.92, 0.60, 0.80, 0.70, 0.90]})
@@ -548,7 +570,7 @@ def test_equivalence_needs_tost_inside_the_declared_margin():
 
 
 def test_runs_of_different_protocols_are_never_pooled():
-    from sorabench.report import check_protocols
+    from sorabench.report.runs import check_protocols
 
     runs = pd.DataFrame({"strategy": ["a", "b"], "tags.eval.protocol.n_generated": ["256", "512"],
                          "params.trainer.precision": ["32-true", "32-true"]})
@@ -577,7 +599,7 @@ def test_report_prints_the_equivalence_test_at_declared_margins(store, capsys):
 
 
 def test_binding_tables_hold_the_strategies_the_instrument_and_the_swap_errors():
-    from sorabench import report
+    from sorabench.report import attributes, markdown
 
     runs = pd.DataFrame({
         "strategy": ["a", "a", "b"],
@@ -587,12 +609,12 @@ def test_binding_tables_hold_the_strategies_the_instrument_and_the_swap_errors()
         "eval/bind_wrong_shape": [0.5, 0.3, 0.6], "eval/bind_swap_shape": [0.2, 0.2, 0.5],
         "eval/bind_swap_share": [0.4, 0.6, 0.8], "eval/bind_swap_share_chance": [0.5] * 3,
     })
-    scores, errors = report.binding_tables(runs, order=["b", "a"])
+    scores, errors = attributes.binding_tables(runs, order=["b", "a"])
     assert list(scores.strategy[:2]) == ["b", "a"] and scores.n.tolist()[:2] == [1, 2]
     assert scores.loc[1, "all"] == "0.3 [0, 1]" and scores.loc[0, "all"] == "0.1"  # the 95% CI, cut to [0, 1]
-    assert list(scores.strategy[2:]) == [*report.REFERENCE_SOURCES.values(), "chance (uniform guess)"]
+    assert list(scores.strategy[2:]) == [*attributes.REFERENCE_SOURCES.values(), "chance (uniform guess)"]
     assert scores.iloc[2]["all"] == "0.97" and scores.iloc[-1]["all"] == "0.001"
     assert errors.loc[0, "shape"] == "0.6 / 0.5" and errors.loc[1, "swap_share"].startswith("0.5 ")
-    md = "\n".join(report.binding_markdown(scores, errors))
+    md = "\n".join(markdown.binding_section(scores, errors))
     assert "## Binding" in md and "shape wrong / swap" in md and "| b | 1 |" in md
-    assert report.binding_tables(runs.drop(columns="eval/bind_all"))[0].empty
+    assert attributes.binding_tables(runs.drop(columns="eval/bind_all"))[0].empty

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import open_dict
 
 from sorabench.config import compose_config
-from sorabench.sweep import main as sweep_main
+from sorabench.sweep.run import run_sweep
 from tests.conftest import TINY
 
 pytestmark = [
@@ -28,7 +28,7 @@ def test_a_study_reads_at_a_glance_in_the_browser(tmp_path):
                                    "sweep.params.conditioning.choices=[adaln_zero,in_context]"], command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     assert screenshots(["--outputs", str(tmp_path), "--out", str(tmp_path / "img")]) == 0
     runs = (tmp_path / "img" / "mlflow_runs.txt").read_text()
     assert "adaln_zero-seed0" in runs and "in_context-seed0" in runs  # no cut-off `conditioning_ab...`

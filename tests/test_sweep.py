@@ -14,9 +14,10 @@ import pytest
 from omegaconf import open_dict
 from optuna.trial import TrialState
 
+from sorabench.commands.sweep import main as sweep_command
 from sorabench.config import ConfigError, compose_config
-from sorabench.sweep import grid_space, parse_space
-from sorabench.sweep import main as sweep_main
+from sorabench.sweep.run import run_sweep
+from sorabench.sweep.space import grid_space, parse_space
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
     cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", *TWO_CELLS], command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY
-    assert sweep_main(cfg) == 0
+    assert sweep_command(cfg) == 0  # the command: the sweep, then its report
     client, parents, kids = children(cfg.mlflow.tracking_uri, cfg.study)
     assert len(parents) == 1 and len(kids) == 2
     assert {k.data.tags["sorabench.strategy"] for k in kids} == {"adaln_zero", "in_context"}
@@ -74,11 +75,11 @@ def test_grid_sweep_tracks_parent_and_children_and_reports(tmp_path):
     report = tmp_path / "report" / cfg.study / "report.md"  # one report folder per study
     assert report.is_file() and "adaln_zero" in report.read_text()
     # Rerunning a finished sweep runs nothing new.
-    assert sweep_main(cfg) == 0
+    assert sweep_command(cfg) == 0
     assert len(optuna.load_study(study_name=cfg.study, storage=cfg.storage).trials) == 2
 
 
-def run_sweep(outputs, extra=(), trial_overrides=(), **popen):
+def start_sweep(outputs, extra=(), trial_overrides=(), **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "sorabench.cli", "sweep", *sweep_cli_args(outputs, extra, trial_overrides)]
     # SIGINT back to its default in the child: pytest-xdist's workers ignore it, and an ignored SIGINT is inherited
@@ -89,7 +90,7 @@ def run_sweep(outputs, extra=(), trial_overrides=(), **popen):
 
 def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    proc = run_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
+    proc = start_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
     deadline = time.time() + 240
     killed = False
     while time.time() < deadline and proc.poll() is None:
@@ -106,7 +107,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
             break
     proc.wait()
     assert killed, "the sweep finished before it could be killed"
-    proc = run_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
+    proc = start_sweep(tmp_path, extra=["heartbeat_interval=1", "grace_period=3", "report=false"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     study = optuna.load_study(study_name="conditioning_ablation", storage=storage)
@@ -139,7 +140,7 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
     url = postgres_url()
     study = f"pg-{uuid.uuid4().hex[:8]}"
     extra = [f"storage={url}", f"study={study}", "report=false", "sweep.seeds=[0,1]"]
-    workers = [run_sweep(tmp_path, extra=extra) for _ in range(2)]
+    workers = [start_sweep(tmp_path, extra=extra) for _ in range(2)]
     outs = [w.communicate(timeout=900)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
     trials = optuna.load_study(study_name=study, storage=url).trials
@@ -155,7 +156,7 @@ def test_search_sweep_reports_to_the_pruner_and_stops_at_n_trials(tmp_path):
                                    "sweep.pruner.n_startup_trials=1"], command="sweep")
     with open_dict(cfg):
         cfg.overrides = [*TINY, "trainer.val_check_interval=2"]
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     trials = optuna.load_study(study_name="lr_search", storage=cfg.storage).trials
     assert len(trials) == 3 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert all(len(t.intermediate_values) >= 1 for t in trials)  # val/loss reached Optuna through the callback
@@ -219,7 +220,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     # Trials long enough (seconds, not milliseconds) that both workers are still inside theirs when the signals
     # arrive, however loaded the machine is: with 6-step trials one worker could finish both cells first.
     longer = ["trainer.max_steps=400", "trainer.checkpoint_every_n_steps=50"]
-    workers = [run_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
+    workers = [start_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
 
     def running_hosts():
         trials = optuna.load_study(study_name=study, storage=url).trials
@@ -231,7 +232,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
         os.kill(workers[1].pid, signal.SIGINT)  # Ctrl-C
         outs = [w.communicate(timeout=120)[0] for w in workers]
         assert workers[1].returncode == 130, outs[1][-2000:]  # "interrupted; rerun the same command to resume"
-        workers = [run_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
+        workers = [start_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
         outs = [w.communicate(timeout=900)[0] for w in workers]
         assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
     finally:
@@ -247,7 +248,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(kids) == 2 and len({k.info.run_name for k in kids}) == 2  # no duplicate children
     assert all(k.data.tags["optuna.state"] == "COMPLETE" and k.info.status == "FINISHED" for k in kids)
-    from sorabench.report import main as report_main
+    from sorabench.commands.report import main as report_main
 
     rcfg = compose_config("report", [f"outputs={tmp_path}", f"study={study}", f"name={study}"], command="report")
     assert report_main(rcfg) == 0

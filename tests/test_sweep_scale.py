@@ -48,9 +48,9 @@ import mlflow  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-import sorabench.training.commands as commands  # noqa: E402
+import sorabench.training.dit_run as dit_run  # noqa: E402
 from sorabench.config import ConfigError, compose_config  # noqa: E402
-from sorabench.sweep import main as sweep_main  # noqa: E402
+from sorabench.sweep.run import run_sweep  # noqa: E402
 
 
 def sweep_cfg(tmp_path, *overrides, mlflow_on=False):
@@ -59,7 +59,7 @@ def sweep_cfg(tmp_path, *overrides, mlflow_on=False):
 
 
 class FakeTrain:
-    """Stands in for `training.commands.train`: records the cells it is asked for, opens the MLflow child run the
+    """Stands in for `training.dit_run.train`: records the cells it is asked for, opens the MLflow child run the
     way the real one does (run id file in the run directory), and fails or is interrupted where told to."""
 
     def __init__(self, fail=None, fvd=1.0):
@@ -71,14 +71,14 @@ class FakeTrain:
         if cfg.mlflow.enabled:
             from sorabench.tracking import RUN_ID_FILE
 
-            run_dir = commands.Path(cfg.run_dir)
+            run_dir = dit_run.Path(cfg.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
             if not (run_dir / RUN_ID_FILE).is_file():
                 exp = client.get_experiment_by_name(cfg.mlflow.experiment)
                 run = client.create_run(exp.experiment_id, tags={"mlflow.parentRunId": parent_run_id,
                                                                  "mlflow.runName": cfg.name, **(tags or {}),
-                                                                 # train's own tag (training/commands.py)
+                                                                 # train's own tag (training/dit_run.py)
                                                                  "sorabench.strategy": str(cfg.conditioning.name)})
                 (run_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
             run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
@@ -91,8 +91,8 @@ class FakeTrain:
 @pytest.fixture
 def fake_train(monkeypatch):
     fake = FakeTrain()
-    monkeypatch.setattr(commands, "train", fake)
-    monkeypatch.setattr(commands, "prepare_shared_assets", lambda cfg, caches=False: None)
+    monkeypatch.setattr(dit_run, "train", fake)
+    monkeypatch.setattr(dit_run, "prepare_shared_assets", lambda cfg, caches=False: None)
     return fake
 
 
@@ -104,23 +104,23 @@ def cells(cfg):
 
 def test_extending_a_grid_runs_exactly_the_new_cells(tmp_path, fake_train):
     two = "sweep.params.conditioning.choices=[adaln_zero,in_context]"
-    assert sweep_main(sweep_cfg(tmp_path, two, "sweep.seeds=[0]")) == 0
+    assert run_sweep(sweep_cfg(tmp_path, two, "sweep.seeds=[0]")) == 0
     assert sorted(fake_train.calls) == [("adaln_zero", 0), ("in_context", 0)]
     fake_train.calls.clear()
-    assert sweep_main(sweep_cfg(tmp_path, two, "sweep.seeds=[0,1]")) == 0  # more seeds
+    assert run_sweep(sweep_cfg(tmp_path, two, "sweep.seeds=[0,1]")) == 0  # more seeds
     assert sorted(fake_train.calls) == [("adaln_zero", 1), ("in_context", 1)]
     fake_train.calls.clear()
     three = "sweep.params.conditioning.choices=[adaln_zero,in_context,cross_attention]"
     cfg = sweep_cfg(tmp_path, three, "sweep.seeds=[0,1]")  # one more strategy
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     assert sorted(fake_train.calls) == [("cross_attention", 0), ("cross_attention", 1)]
     study, done = cells(cfg)
     assert len(done) == 6 == len(set(done)) and len(study.trials) == 6  # every cell once, nothing failed
     fake_train.calls.clear()
-    assert sweep_main(cfg) == 0 and fake_train.calls == []  # a finished study runs nothing
+    assert run_sweep(cfg) == 0 and fake_train.calls == []  # a finished study runs nothing
     # A change that the finished cells cannot honour: one clear error, before any trial.
     with pytest.raises(ConfigError, match=r"sweep.params: study 'conditioning_ablation' was created with"):
-        sweep_main(sweep_cfg(tmp_path, three, "+sweep.params.caption_dropout={choices:[0.1]}"))
+        run_sweep(sweep_cfg(tmp_path, three, "+sweep.params.caption_dropout={choices:[0.1]}"))
     assert fake_train.calls == []
 
 
@@ -129,7 +129,7 @@ def test_search_restarts_propose_distinct_trials_and_stay_reproducible(tmp_path,
     for outputs in (tmp_path / "a", tmp_path / "b"):
         for n in (2, 4):  # a restart (a second process on the same study) asks for two more
             cfg = sweep_cfg(outputs, "sweep=lr_search", f"n_trials={n}")
-            assert sweep_main(cfg) == 0
+            assert run_sweep(cfg) == 0
         study = optuna.load_study(study_name=cfg.study, storage=cfg.storage)
         runs.append([t.params["optim.lr"] for t in study.trials])
     assert len(runs[0]) == 4 and len(set(runs[0])) == 4, runs[0]  # the restart did not repeat trials 0 and 1
@@ -142,7 +142,7 @@ def test_interrupt_during_evaluation_leaves_the_cell_to_the_rerun(tmp_path, fake
     fake_train.fail = {("in_context", 0): KeyboardInterrupt()}  # Ctrl-C after fit, during evaluation
     with pytest.raises(KeyboardInterrupt):
         # in_context runs first or second; either way the interrupt stops the command
-        sweep_main(cfg)
+        run_sweep(cfg)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name(cfg.study)
     kids = {r.data.tags["sorabench.strategy"]: r for r in client.search_runs([exp.experiment_id])
@@ -150,7 +150,7 @@ def test_interrupt_during_evaluation_leaves_the_cell_to_the_rerun(tmp_path, fake
     assert kids["in_context"].data.tags["optuna.state"] == "FAIL"  # never counted as a complete run
     assert kids["in_context"].info.status == "FAILED"
     fake_train.calls.clear()
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     assert ("in_context", 0) in fake_train.calls and len(fake_train.calls) <= 2
     study, done = cells(cfg)
     assert done == [("adaln_zero", 0), ("in_context", 0)]
@@ -164,10 +164,10 @@ def test_interrupt_during_evaluation_leaves_the_cell_to_the_rerun(tmp_path, fake
 def test_a_failure_outside_the_model_runs_again_on_rerun(tmp_path, fake_train):
     cfg = sweep_cfg(tmp_path, "sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]")
     fake_train.fail = {("adaln_zero", 0): FileNotFoundError("latents/k.pt.tmp")}  # the shared-cache race
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     study, done = cells(cfg)
     assert done == [("in_context", 0)]
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     study, done = cells(cfg)
     assert done == [("adaln_zero", 0), ("in_context", 0)]
 
@@ -175,13 +175,13 @@ def test_a_failure_outside_the_model_runs_again_on_rerun(tmp_path, fake_train):
 def test_a_non_finite_objective_is_final_and_never_complete_in_mlflow(tmp_path, fake_train):
     cfg = sweep_cfg(tmp_path, "sweep.params.conditioning.choices=[adaln_zero]", "sweep.seeds=[0]", mlflow_on=True)
     fake_train.fvd = float("nan")
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name(cfg.study)
     kid = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId"))
     assert kid.data.tags["optuna.state"] == "FAIL" and kid.info.status == "FAILED"
     fake_train.calls.clear()
-    assert sweep_main(cfg) == 0 and fake_train.calls == []  # would fail the same way: not rerun
+    assert run_sweep(cfg) == 0 and fake_train.calls == []  # would fail the same way: not rerun
 
 
 def test_postgres_test_fails_on_ci_without_a_server(monkeypatch):
@@ -201,8 +201,8 @@ def test_ddp_ranks_draw_different_noise():
     """Case 2: with one seed_everything(seed) in every rank, the global batch had one rank's worth of draws."""
     from types import SimpleNamespace
 
-    from sorabench.training.commands import training_callbacks
-    from sorabench.training.trainer import SeedPerRank
+    from sorabench.training.dit_run import training_callbacks
+    from sorabench.training.callbacks import SeedPerRank
 
     cfg = compose_config("train", ["sample.log_every_n_val=0", "ema.enabled=false"], command="train")
     seeders = [c for c in training_callbacks(cfg, {}) if isinstance(c, SeedPerRank)]
@@ -226,7 +226,7 @@ def test_sweep_status_lists_every_cell(tmp_path, fake_train, capsys):
 
     two = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
     fake_train.fail = {("in_context", 0): OSError("disk full")}
-    assert sweep_main(sweep_cfg(tmp_path, *two)) == 0
+    assert run_sweep(sweep_cfg(tmp_path, *two)) == 0
     capsys.readouterr()
     assert cli_main(["sweep", "status", f"outputs={tmp_path}", "mlflow.enabled=false", *two,
                      "sweep.seeds=[0,1]"]) == 0
@@ -273,7 +273,7 @@ def test_a_ctrl_c_swallowed_inside_a_destructor_still_stops_the_worker():
     must still see that Ctrl-C was pressed and start no further trial."""
     import signal
 
-    from sorabench.sweep import remembered_ctrl_c
+    from sorabench.sweep.workers import remembered_ctrl_c
 
     class InterruptedWhileCollected:
         def __del__(self):

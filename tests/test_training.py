@@ -9,9 +9,10 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from sorabench.config import ConfigError, compose_config
-from sorabench.training.commands import train
+from sorabench.training.dit_run import train
 from sorabench.training.dit_module import build_optimizer
-from sorabench.training.trainer import EMA, lr_schedule
+from sorabench.training.callbacks import EMA
+from sorabench.training.trainer import lr_schedule
 
 
 class Regression(L.LightningModule):
@@ -118,7 +119,7 @@ def test_periodic_evaluation_sees_the_ema_weights(tiny_overrides, monkeypatch):
     # EvaluateCallback must run while the EMA weights are swapped in (the final evaluation uses them too), i.e.
     # before the EMA callback swaps the training weights back at the end of validation.
     from sorabench.metrics import evaluate
-    from sorabench.training.commands import training_callbacks
+    from sorabench.training.dit_run import training_callbacks
 
     seen = {}
     monkeypatch.setattr(evaluate, "evaluate_module", lambda module, cfg, logger=None, step=0: seen.setdefault(
@@ -142,13 +143,24 @@ def test_periodic_evaluation_sees_the_ema_weights(tiny_overrides, monkeypatch):
     assert any(not torch.allclose(seen[6][k], raw[k]) for k in raw)
 
 
+def test_a_callers_tags_go_on_the_run_its_strategy_tag_included(tiny_overrides):
+    # `train` tags the run with its strategy unless the caller (a sweep trial, a user's script) gives one.
+    import mlflow
+
+    cfg = compose_config("train", [*tiny_overrides, "name=tagged", "evaluate.enabled=false", "sample.log_every_n_val=0",
+                                   "trainer.max_steps=2"], command="train")
+    result = train(cfg, tags={"sorabench.strategy": "adaln_zero (lab variant)", "lab.note": "x"})
+    tags = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(result["run_id"]).data.tags
+    assert tags["sorabench.strategy"] == "adaln_zero (lab variant)" and tags["lab.note"] == "x"
+
+
 @pytest.mark.parametrize("text_encoder", ["minilm", "learned"])
 def test_the_lightning_module_holds_only_what_trains(tiny_overrides, text_encoder):
     # The frozen text encoder and the VAE stay out of the DiTModule (its state_dict, EMA copy and optimiser); a
     # pipeline composes them for sampling. A learned text encoder trains, so it is the module's own.
     from sorabench.latents import LatentDataModule
     from sorabench.pipeline import TextToVideo
-    from sorabench.training.commands import build_dit_module
+    from sorabench.training.dit_run import build_dit_module
 
     cfg = compose_config("train", [*tiny_overrides, f"text_encoder={text_encoder}"], command="train")
     captions = ["a red circle moving left slowly", "a big blue square moving up quickly"]

@@ -5,9 +5,10 @@ import pytest
 from omegaconf import open_dict
 
 from sorabench.config import ConfigError, compose_config, to_container
-from sorabench.sweep import main as sweep_main
-from sorabench.sweep import trial_config, worker_threads
-from sorabench.training.commands import train
+from sorabench.sweep.run import run_sweep
+from sorabench.sweep.space import trial_config
+from sorabench.sweep.workers import worker_threads
+from sorabench.training.dit_run import train
 from tests.conftest import TINY
 
 TWO_CELLS = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
@@ -30,13 +31,13 @@ def loss_curve(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
 
 @pytest.mark.slow
 def test_two_local_workers_run_every_cell_once_and_match_a_trial_run_alone(tmp_path):
-    # ~40 s: two spawned worker processes (one thread each) share a 2-cell grid; each cell's loss curve equals
+    # Two spawned worker processes (one thread each) share a 2-cell grid; each cell's loss curve equals
     # the same trial's config trained alone in this process.
     cfg = compose_config("sweep", [f"outputs={tmp_path}", *TWO_CELLS, "workers=2", "threads=1", "report=false"],
                          command="sweep")
     with open_dict(cfg):
         cfg.overrides = TINY
-    assert sweep_main(cfg) == 0
+    assert run_sweep(cfg) == 0
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name(cfg.study)
     kids = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId")]

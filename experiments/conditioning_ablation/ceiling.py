@@ -16,7 +16,7 @@ import torch
 from sorabench.config import compose_config
 from sorabench.data.shapes import ShapesConfig, ShapesDataset
 from sorabench.metrics.evaluate import reference_points
-from sorabench.training.commands import ensure_vae
+from sorabench.training.vae_run import ensure_vae
 from sorabench.training.evaluator_module import load_evaluator
 from sorabench.training.runs import load_vae
 

@@ -219,7 +219,7 @@ class FolderDataset(VideoDataset):
 
     @classmethod
     def check(cls, cfg: FolderConfig):
-        for split in ("train", "val"):  # index and probe the user's files now (cheap), not minutes into training
+        for split in ("train", "val"):  # index and probe the user's files now (cheap), not once training has started
             cls(cfg, split)
 
     def _bad(self, reason: str):

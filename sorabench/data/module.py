@@ -3,7 +3,8 @@ seeded, worker-safe loading.
 
 Batches are dicts: `video` (B, 3, T, H, W) in [-1, 1], `caption` list[str], `labels` (B, A) attribute labels, one
 column per attribute of the dataset's label schema (`attribute_schema`; A = 0 for `folder`), `unseen` (B,) held-out
-composition flags, and, for `folder`, `skipped` (reasons of samples dropped under `on_error: skip`).
+composition flags, and, for `folder`, `skipped` (reasons of samples dropped under `on_error: skip`, reported by
+`sorabench.training.callbacks.SkippedSamplesReport`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import dataclasses
 
 import lightning as L
 import torch
-from rich.console import Console
 
 from sorabench.config import require
 from sorabench.data.dataset import dataset_class
@@ -109,22 +109,3 @@ class VideoDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self.loader(self.dataset("test"), shuffle=False)
-
-
-class SkippedSamplesReport(L.Callback):
-    """Counts samples dropped under `on_error: skip` and reports them at the end of each epoch."""
-
-    def __init__(self):
-        self.reasons: list[str] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.reasons.extend(batch.get("skipped", []))
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self.reasons:
-            console = Console(stderr=True)
-            console.print(f"[yellow]epoch {trainer.current_epoch}: skipped {len(self.reasons)} bad samples:")
-            for reason in sorted(set(self.reasons)):
-                console.print(f"  {reason}")
-            pl_module.log("data/skipped", float(len(self.reasons)))
-        self.reasons = []

@@ -93,7 +93,7 @@ class ShapesConfig:
     holdout_fraction: float = 0.15  # share of (colour, shape, direction) triples never seen in training
     eval_unseen_fraction: float = 0.25  # share of val/test clips drawn from held-out triples
     split_sizes: dict[str, int] = field(
-        default_factory=lambda: {"train": 4096, "val": 256, "test": 512, "unseen": 256}
+        default_factory=lambda: {"train": 4096, "val": 256, "test": 512, "unseen": 256, "final": 512}
     )
     radius: dict[str, float] = field(default_factory=lambda: dict(RADIUS))  # {small, large}: pixels at 32x32
     speed: dict[str, float] = field(default_factory=lambda: dict(SPEED))  # {slow, fast}: pixels/frame at 32x32
@@ -142,7 +142,9 @@ def heldout_triples(cfg: ShapesConfig) -> torch.Tensor:
     return is_heldout.view(n_col, n_shape, n_dir)
 
 
-SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "unseen": 4}
+# `final` holds the reported numbers of an ablation: its own seed, never used by any selection or screen (val chooses,
+# test was used by earlier selection rounds; experiments/conditioning_ablation/README.md says which round used which).
+SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "unseen": 4, "final": 5}
 
 
 def sample_labels(cfg: ShapesConfig, split: str, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,9 +19,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # sit on the libraries they wire together; within a layer imports may go sideways, as long as they make no cycle.
 LAYERS = [
     ("sorabench.cli", 5), ("sorabench.devtools", 5),
-    ("sorabench.training.commands", 4), ("sorabench.data.commands", 4), ("sorabench.metrics.evaluate", 4),
-    ("sorabench.sweep", 4), ("sorabench.report", 4),
+    ("sorabench.commands", 4),
+    ("sorabench.sweep", 4),
+    ("sorabench.metrics.evaluate", 3),  # scoring trains or loads the evaluator (training.evaluator_module)
     ("sorabench.training", 3), ("sorabench.precision", 3),
+    ("sorabench.report", 3),  # the report library: reads runs through tracking, writes files
     ("sorabench.metrics", 2),
     ("sorabench.models", 1), ("sorabench.data", 1), ("sorabench.latents", 1), ("sorabench.diffusion", 1),
     ("sorabench.tracking", 1), ("sorabench.pipeline", 1),

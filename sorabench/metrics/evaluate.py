@@ -1,26 +1,22 @@
-"""`sorabench evaluate`: FVD, FID, KID and text–video alignment with a pinned protocol.
+"""Scoring a text-to-video model: FVD, FID, KID and text-video alignment with a pinned protocol.
 
 - `evaluate_module(pipeline, cfg, logger, step)` samples clips for prompts of the eval split (seen and unseen
   compositions), computes FVD (clips), FID and KID (frames) against real clips of that split, and the alignment of
-  each sample with its prompt as read by the evaluator; every number is logged with its protocol beside it.
-  `EvaluateCallback` runs it every N training steps (FVD vs step).
-- `sorabench evaluate ckpt=<dit checkpoint>` does the same for a checkpoint and logs into that run's MLflow entry;
-  `sorabench evaluate real_root=<dir> fake_root=<dir>` compares two folders of videos.
+  each sample with its prompt as read by the evaluator; every number is logged with its protocol beside it. `train`
+  runs it after training and every N steps (`sorabench.training.dit_run`), `sorabench evaluate ckpt=` on a checkpoint
+  (`sorabench.commands.evaluate`).
+- `evaluate_videos` scores any two streams of clips: `sorabench evaluate real_root= fake_root=` compares two folders.
 - The evaluator (the embedded default feature network) is trained once per data config and cached
-  (`sorabench.training.evaluator_module.ensure_evaluator`).
+  (`sorabench.training.evaluator_module.ensure_evaluator`): this module sits on the training layer for it.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
-from rich.table import Table
 
 from sorabench.config import ConfigError, config_key, require, to_container
 from sorabench.data.module import attribute_schema, build_dataset, clip_fields
@@ -28,12 +24,11 @@ from sorabench.metrics.alignment import alignment_from_logits
 from sorabench.metrics.binding import binding_scores, count_objects, read_objects  # noqa: F401 - registers `binding`
 from sorabench.metrics.features import build_feature_networks
 from sorabench.metrics.fvd import FrechetVideoDistance  # noqa: F401 - registers fvd, fid and kid
+from sorabench.metrics.memorisation import Memorisation  # noqa: F401 - registers `memorisation`
 from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
 from sorabench.precision import autocast, resolve
+from sorabench.tracking import set_run_tags
 from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
-from sorabench.training.runs import load_pipeline
-
-console = Console(soft_wrap=True)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -66,10 +61,8 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
         for name in m.get(key) or []:
             require(name in METRICS, f"metrics.{key}", list(m[key]), f"{name!r} is not a registered metric "
                     f"(sorabench.metrics.registry; registered: {sorted(METRICS)})")
-    labelled = bool(attribute_schema(to_container(cfg.data)))
-    if m.features == "evaluator" and not labelled and not m.get("evaluator_on_other_data", False):
-        raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
-                          "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+    if m.features == "evaluator":
+        check_evaluator_data(cfg, data_clips)
     floor = m.get("evaluator_min_accuracy")
     require(floor is None or (isinstance(floor, (int, float)) and 0 <= floor <= 1), "metrics.evaluator_min_accuracy",
             floor, "must be null or a number in [0, 1]")
@@ -82,6 +75,33 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
         have = int(sizes[m.real_split])
         require(have >= max(int(m.n_real), int(m.n_samples)), "metrics.n_real/n_samples", (m.n_real, m.n_samples),
                 f"the {m.real_split} split has only {have} clips (data.split_sizes.{m.real_split})")
+
+
+def uses_evaluator(cfg: DictConfig) -> bool:
+    """Whether an evaluation reads clips with the evaluator: as its feature network (`metrics=evaluator`), or for
+    the alignment and binding scores of a labelled dataset (`attribute_schema`)."""
+    return cfg.metrics.features == "evaluator" or bool(attribute_schema(to_container(cfg.data)))
+
+
+def check_evaluator_data(cfg: DictConfig, data_clips: bool) -> None:
+    """`metrics=evaluator` on clips other than a labelled dataset's (an unlabelled dataset such as `folder`, or the
+    two folders of `evaluate real_root= fake_root=`) only with `metrics.evaluator_on_other_data=true`: its features
+    are trained on `shapes`. An unlabelled dataset has no labels to train one on, so it comes from
+    `metrics.evaluator_checkpoint`. The one check of `train` and `evaluate` alike."""
+    m = cfg.metrics
+    if data_clips and attribute_schema(to_container(cfg.data)):
+        return
+    if not m.get("evaluator_on_other_data", False):
+        if not data_clips:
+            raise ConfigError(f"metrics={m.features!r}: the evaluator's features are trained on `shapes`, not on your "
+                              "videos: use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true to "
+                              "apply them anyway")
+        raise ConfigError(f"data={cfg.data.name} with metrics=evaluator: the evaluator's features are trained on "
+                          "`shapes`; use metrics=i3d (standard FVD), or set metrics.evaluator_on_other_data=true")
+    if data_clips:
+        require(bool(m.get("evaluator_checkpoint")), "metrics.evaluator_checkpoint", m.get("evaluator_checkpoint"),
+                f"data={cfg.data.name} has no labels to train the evaluator on: give one trained on shapes "
+                "(sorabench train-evaluator)")
 
 
 def protocol_fields(m: DictConfig, video_net, data_cfg: dict, seed: int) -> dict:
@@ -146,6 +166,16 @@ def real_batches(dataset, m: DictConfig, count: int, seed: int):
     for i in range(0, count, bs):
         video = torch.stack([dataset[j]["video"] for j in range(i, min(i + bs, count))])
         yield take_clips(video, m, m.get("clip_start", "first"), generator)
+
+
+def train_batches(data_cfg: dict, m: DictConfig):
+    """The train split's clips cut to the protocol, with their labels, batch by batch: what the memorisation metric
+    compares generated and real clips with."""
+    train = build_dataset(data_cfg, "train", train=False)
+    bs = int(m.batch_size)
+    for i in range(0, len(train), bs):
+        items = [train[j] for j in range(i, min(i + bs, len(train)))]
+        yield take_clips(torch.stack([it["video"] for it in items]), m), torch.stack([it["labels"] for it in items])
 
 
 def metric_names(m: DictConfig) -> list[str]:
@@ -376,7 +406,8 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     check_metrics_config(cfg)
     scales = check_guidance_axis(m)
     data_cfg = to_container(cfg.data)
-    evaluator = load_evaluator(ensure_evaluator(cfg)).net if attribute_schema(data_cfg) else None
+    evaluator = load_evaluator(ensure_evaluator(cfg)).net if uses_evaluator(cfg) else None
+    labelled = bool(attribute_schema(data_cfg))  # what the evaluator's heads read; else its features only
     nets = build_feature_networks(to_container(m), evaluator)
     dataset = build_dataset(data_cfg, m.real_split, train=False)
     n = int(m.n_samples)
@@ -384,6 +415,8 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
             f"the {m.real_split} split has only {len(dataset)} clips")
     prompts = eval_prompts(dataset, n)
     labels, unseen = prompts["labels"], prompts["unseen"]
+    if "memorisation" in metric_names(m) and labelled:  # rendered only when asked for: the whole train split
+        prompts["train_batches"] = lambda: train_batches(data_cfg, m)
     splits = axis_splits(data_cfg, m, dataset, prompts) if scales else []
     k = int(m.get("guidance_n_samples") or n)
     per_seed, axis_seconds, ranked = [], 0.0, {}
@@ -395,7 +428,8 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
                                                     scales, splits, k, data_cfg)
             per_seed.append(scored)
             axis_seconds += seconds
-        if evaluator is not None:
+        references = {}  # what the evaluator's heads read from real clips, noise and the VAE's reconstructions
+        if evaluator is not None and labelled:
             references = reference_points(evaluator, real_batches(dataset, m, n, int(m.seed)), labels, unseen,
                                           pipeline.vae, prompts.get("unseen_pair"))
     metrics = {key: sum(r[key] for r in per_seed) / len(per_seed) for key in per_seed[0]}
@@ -403,159 +437,29 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
         metrics["time/guidance_axis_seconds"] = axis_seconds
     if len(per_seed) > 1 and "eval/fvd" in per_seed[0]:
         metrics["eval/fvd_seed_std"] = float(torch.tensor([r["eval/fvd"] for r in per_seed]).std())
-    if evaluator is not None:
-        metrics.update(references)
+    metrics.update(references)
     metrics["time/eval_seconds"] = time.time() - t0
     if logger is not None:
         logger.log_metrics(metrics, step=step)
-        fields = protocol_fields(m, nets[0], data_cfg, int(m.seed))
-        protocol = {f"eval.protocol.{k}": str(v) for k, v in fields.items()}
-        protocol.update({"eval.protocol.num_seeds": str(m.num_seeds), "eval.protocol.cfg": str(m.cfg),
-                         "eval.protocol.sample_steps": str(m.sample_steps), "eval.protocol.precision": precision,
-                         "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
-                         "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
-        # the label schema, in the dataset's order: the report's attribute tables follow it
-        protocol["eval.attributes"] = ",".join(attribute_schema(data_cfg))
-        # what the report ranks each metric by (torchmetrics' own flag), so it never guesses from a name
-        protocol.update({f"eval.higher_is_better.{key}": str(up) for key, up in ranked.items()})
-        if scales:
-            protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
-                             "eval.protocol.guidance_n_samples": str(k),
-                             "eval.protocol.guidance_select_split": str(m.get("guidance_select_split"))})
-        for k, v in protocol.items():
-            logger.experiment.set_tag(logger.run_id, k, v)
+        set_run_tags(logger, protocol_tags(m, nets, data_cfg, precision, ranked, scales, k))
     return metrics
 
 
-class EvaluateCallback(L.Callback):
-    """Evaluate every `every_n_steps` training steps, with the weights the validation uses (EMA when on).
-
-    List it before the EMA callback, `trainer.EMA` (callbacks run in list order; the EMA swap is undone at validation
-    end)."""
-
-    def __init__(self, cfg: DictConfig, every_n_steps: int, vae=None):
-        self.cfg, self.every, self.vae = cfg, int(every_n_steps), vae
-        self.last = -1
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        step = trainer.global_step
-        if trainer.sanity_checking or step == self.last or step == 0 or step % self.every and step < trainer.max_steps:
-            return
-        if step >= trainer.max_steps and self.cfg.evaluate.enabled:
-            return  # the final evaluation after training scores these same (EMA) weights: not twice
-        self.last = step
-        metrics = evaluate_module(pl_module.pipeline(self.vae), self.cfg, trainer.logger, step=step)
-        console.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if headline(k)))
-
-
-def headline(key: str) -> bool:
-    """What a periodic evaluation prints: FVD, FID and the accuracy of every attribute (all scored clips)."""
-    return key in ("eval/fvd", "eval/fid") or bool(re.fullmatch(r"eval/acc_[a-z]+", key))
-
-
-def print_metrics(metrics: dict[str, float], title: str):
-    table = Table("metric", "value", title=title)
-    for k, v in metrics.items():
-        table.add_row(k, f"{v:.4g}")
-    console.print(table)
-
-
-# ---- the command -----------------------------------------------------------------------------------------------
-
-
-def video_files(root: str) -> list[Path]:
-    from sorabench.data.folder import VIDEO_EXTENSIONS
-
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
-    if not files:
-        raise ConfigError(f"{root}: no video files")
-    return files
-
-
-def check_lengths(files: list[Path], m: DictConfig) -> None:
-    """Every file long enough for the protocol, checked from the container headers before any decoding."""
-    from sorabench.data.video_io import probe
-
-    span = (m.num_frames - 1) * m.frame_stride + 1
-    for path in files:
-        frames = probe(path)["frames"]
-        if frames and frames < span:
-            raise ConfigError(f"{path}: {frames} frames, metrics.num_frames={m.num_frames} at stride "
-                              f"{m.frame_stride} needs {span}")
-
-
-def folder_batches(files: list[Path], m: DictConfig, size: int, start: str, seed: int):
-    """Batches of clips from video files (no captions needed): each file decoded, cut to the protocol's span at
-    `start` (first | center | random), short side resized to `size` and centre-cropped; one batch in memory."""
-    from sorabench.data.folder import resize_and_crop
-    from sorabench.data.video_io import read_frames
-
-    span = (m.num_frames - 1) * m.frame_stride + 1
-    generator = torch.Generator().manual_seed(seed)
-    bs = int(m.batch_size)
-    for i in range(0, len(files), bs):
-        clips = []
-        for path in files[i : i + bs]:
-            frames, _ = read_frames(path, max_frames=span if start == "first" else None)  # uint8 (T, H, W, 3)
-            if len(frames) < span:
-                raise ConfigError(f"{path}: {len(frames)} frames, the protocol needs {span}")
-            o = clip_offset(len(frames), span, start, generator)
-            # Cut before resizing: only the protocol's frames are ever resized and kept.
-            clips.append(resize_and_crop(frames[o : o + span : m.frame_stride], size, size))
-        yield torch.stack(clips)
-
-
-def evaluation_logger(cfg: DictConfig, run_dir: Path):
-    """The MLflow run of `evaluate ckpt=`: a child of the checkpoint's own run (found through the run directory's
-    mlflow_run.json), named `evaluate-<name>` and tagged `sorabench.role=evaluation`. Never the checkpoint's run
-    itself: this evaluation's protocol (samples, guidance, evaluator budget) may differ from the one the run was
-    trained and scored under, and its numbers must not replace the run's; a study's report reads only trial runs.
-    Rerunning with the same `name=` continues the same evaluation run. None without MLflow or a run."""
-    from sorabench.tracking import make_logger, read_run_id
-
-    run_info = read_run_id(run_dir) if cfg.mlflow.enabled else None
-    if run_info is None:
-        return None
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir / "evaluate" / str(cfg.name))
-        cfg.mlflow.experiment, cfg.mlflow.run_name = run_info["experiment"], f"evaluate-{cfg.name}"
-    return make_logger(cfg, tags={"sorabench.role": "evaluation", "sorabench.evaluated_run": run_info["run_id"]},
-                       parent_run_id=run_info["run_id"])
-
-
-def main(cfg: DictConfig) -> int:
-
-    m = cfg.metrics
-    require(m.cfg >= 0, "metrics.cfg", m.cfg, "the guidance scale must be >= 0")
-    check_guidance_axis(m)
-    if cfg.real_root or cfg.fake_root:
-        require(bool(cfg.real_root and cfg.fake_root), "real_root/fake_root", (cfg.real_root, cfg.fake_root),
-                "give both folders")
-        for key in ("real_root", "fake_root"):  # every path first: before an evaluator is trained or a clip read
-            require(Path(cfg[key]).is_dir(), key, cfg[key], "no such directory")
-        require(m.features != "evaluator" or m.get("evaluator_on_other_data", False), "metrics", m.features,
-                "the evaluator's features are trained on `shapes`, not on your videos: use metrics=i3d (standard "
-                "FVD), or set metrics.evaluator_on_other_data=true to apply them anyway")
-        check_metrics_config(cfg, data_clips=False)
-        real_files, fake_files = video_files(cfg.real_root), video_files(cfg.fake_root)
-        check_lengths(real_files + fake_files, m)
-        evaluator = load_evaluator(ensure_evaluator(cfg)).net if m.features == "evaluator" else None
-        nets = build_feature_networks(to_container(m), evaluator)
-        size = int(m.resolution)
-        with open_dict(m):
-            m.n_real, m.n_samples = len(real_files), len(fake_files)
-        fields = protocol_fields(m, nets[0], {"name": "folder", "root": str(Path(cfg.real_root).resolve())}, 0)
-        # Real clips start at metrics.clip_start (StyleGAN-V: random), generated ones at frame 0.
-        real = folder_batches(real_files, m, size, m.get("clip_start", "first"), int(m.seed))
-        fake = folder_batches(fake_files, m, size, "first", int(m.seed))
-        metrics, _ = evaluate_videos(fake, real, m, nets, None, fields, None, None)
-        print_metrics(metrics, f"{cfg.fake_root} vs {cfg.real_root} ({(nets[0] or nets[1]).id})")
-        return 0
-    require(bool(cfg.ckpt), "ckpt", cfg.ckpt, "give a DiT checkpoint (or real_root= and fake_root=)")
-    check_metrics_config(cfg)  # before the evaluator is trained or a clip sampled
-    pipeline = load_pipeline(cfg.ckpt)
-    logger = evaluation_logger(cfg, Path(cfg.ckpt).resolve().parent.parent)
-    step = int(torch.load(cfg.ckpt, map_location="cpu", weights_only=True).get("global_step", 0))
-    metrics = evaluate_module(pipeline, cfg, logger, step=step)
-    print_metrics(metrics, f"{cfg.ckpt} ({m.features} features, {m.n_samples} samples x {m.num_seeds} seeds)")
-    return 0
+def protocol_tags(m: DictConfig, nets, data_cfg: dict, precision: str, ranked: dict[str, bool], scales: list[float],
+                  k: int) -> dict[str, str]:
+    """The run tags beside an evaluation's numbers: its protocol, the label schema and each metric's direction."""
+    fields = protocol_fields(m, nets[0], data_cfg, int(m.seed))
+    protocol = {f"eval.protocol.{key}": str(v) for key, v in fields.items()}
+    protocol.update({"eval.protocol.num_seeds": str(m.num_seeds), "eval.protocol.cfg": str(m.cfg),
+                     "eval.protocol.sample_steps": str(m.sample_steps), "eval.protocol.precision": precision,
+                     "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
+                     "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
+    # the label schema, in the dataset's order: the report's attribute tables follow it
+    protocol["eval.attributes"] = ",".join(attribute_schema(data_cfg))
+    # what the report ranks each metric by (torchmetrics' own flag), so it never guesses from a name
+    protocol.update({f"eval.higher_is_better.{key}": str(up) for key, up in ranked.items()})
+    if scales:
+        protocol.update({"eval.protocol.guidance_scales": ",".join(f"{x:g}" for x in scales),
+                         "eval.protocol.guidance_n_samples": str(k),
+                         "eval.protocol.guidance_select_split": str(m.get("guidance_select_split"))})
+    return protocol

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sorabench.models.conditioning import BlockSpec, build_strategy
+from sorabench.models.conditioning import build_strategy
+from sorabench.models.layers import BlockSpec
 from sorabench.models.text import TextEmbedding
 
 

@@ -13,7 +13,6 @@ composes them with the DiT for sampling and evaluation (`sorabench.pipeline.Text
 
 from __future__ import annotations
 
-
 import lightning as L
 import torch
 
@@ -40,23 +39,16 @@ def build_optimizer(params: list[torch.nn.Parameter], optim: dict) -> torch.opti
     )
 
 
-def flops_budget_steps(module: "DiTModule", captions: list[str], reference: str, steps: int) -> int:
-    """`budget=flops`: the step count that gives `module` the training FLOPs of the `reference` strategy (same
-    backbone, same batch) at `steps` steps. Both are counted by `caption_flops` at the training split's real caption
-    lengths; a step costs ~3 forwards for every strategy, so the ratio of forward GFLOPs is the ratio of step
-    costs. A strategy twice as expensive per step gets half the steps."""
-    from sorabench.config import CONF_DIR, to_container
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / "conditioning" / f"{reference}.yaml"
-    if not path.is_file():
-        raise ValueError(f"budget_reference={reference!r}: no conf/conditioning/{reference}.yaml")
-    options = to_container(OmegaConf.load(path))
-    options.pop("name", None)
+def flops_budget_steps(module: "DiTModule", captions: list[str], reference: dict, steps: int) -> int:
+    """`budget=flops`: the step count that gives `module` the training FLOPs of the `reference` strategy (its
+    conditioning config, `name` and options; same backbone, same batch) at `steps` steps. Both are counted by
+    `caption_flops` at the training split's real caption lengths; a step costs ~3 forwards for every strategy, so the
+    ratio of forward GFLOPs is the ratio of step costs. A strategy twice as expensive per step gets half the steps."""
+    options = {k: v for k, v in reference.items() if k != "name"}
     model = module.model
     h = module.hparams
-    ref = DiT(model.latent_shape, conditioning=reference, text_dim=model.text_dim, max_text_len=model.max_text_len,
-              timestep_scale=module.diffusion.timestep_scale, **h.dit, **options)
+    ref = DiT(model.latent_shape, conditioning=reference["name"], text_dim=model.text_dim,
+              max_text_len=model.max_text_len, timestep_scale=module.diffusion.timestep_scale, **h.dit, **options)
     lengths = module.text_lengths(captions)
     return max(1, round(steps * caption_flops(ref, lengths) / caption_flops(model, lengths)))
 
@@ -170,46 +162,3 @@ class DiTModule(L.LightningModule):
                                 final=float(o.get("min_lr_ratio", 0.1)), schedule=o.get("schedule", "cosine"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class LogSampleVideos(L.Callback):
-    """Every `log_every_n_val` validations and at the end of training, sample a fixed set of validation prompts (seen
-    and unseen compositions) with the weights being validated (the EMA weights when EMA is on) and log them to MLflow
-    as mp4 and gif.
-
-    List it before the EMA callback (`trainer.EMA`): callbacks run in list order, and the EMA callback swaps the
-    training weights back in its own `on_validation_epoch_end`.
-    """
-
-    def __init__(self, val_cache: dict, sample_cfg: dict, vae):
-        self.cfg, self.vae = sample_cfg, vae
-        n = int(sample_cfg["log_prompts"])
-        unseen = val_cache["unseen"].tolist()
-        seen_idx = [i for i, u in enumerate(unseen) if not u][:n]
-        unseen_idx = [i for i, u in enumerate(unseen) if u][:n]
-        self.prompts = [val_cache["captions"][i] for i in seen_idx + unseen_idx]
-        self.tags = ["seen"] * len(seen_idx) + ["unseen"] * len(unseen_idx)
-        self.validations = 0
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.prompts:
-            return
-        self.validations += 1
-        final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-        if (self.validations % int(self.cfg["log_every_n_val"]) and not final) or not trainer.is_global_zero:
-            return  # every n-th validation, and always the last one
-        from pathlib import Path
-
-        from sorabench.data.video_io import view_scale, write_clips
-        from sorabench.tracking import log_artifact
-
-        videos = pl_module.pipeline(self.vae).sample_videos(self.prompts, self.cfg["steps"], self.cfg["guidance_scale"],
-                                                            seed=0).cpu()
-        out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}"
-        captions = [f"[{tag}] {p}" for p, tag in zip(self.prompts, self.tags)]
-        stems = [f"{i:02d}_{tag}" for i, tag in enumerate(self.tags)]
-        scale = view_scale(videos.shape[-2], videos.shape[-1])  # nearest-neighbour, >= 256 px for viewing
-        paths = write_clips(out, videos, stems, captions, scale=scale, sheet="samples.png")
-        (out / "prompts.txt").write_text("\n".join(captions) + "\n")
-        for path in [*paths, out / "prompts.txt"]:
-            log_artifact(trainer.logger, path, f"samples/step_{trainer.global_step:06d}")

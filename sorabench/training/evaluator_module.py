@@ -21,8 +21,8 @@ from sorabench.config import ConfigError, compose_config, require, to_container
 from sorabench.data.module import VideoDataModule, attribute_schema, build_dataset, clip_fields
 from sorabench.models.evaluator import VideoAttributeClassifier
 from sorabench.tracking import make_logger
+from sorabench.training.callbacks import TagCheckpointKind
 from sorabench.training.runs import (
-    TagCheckpointKind,
     finished_result,
     load_checkpoint_module,
     shared_asset_config,

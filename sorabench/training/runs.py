@@ -3,10 +3,8 @@
 A run lives in `outputs/<command>/<name>`: `checkpoints/last.ckpt` (resumed from when the command is run again) and,
 once finished, `result.json` (returned instead of training again). Shared assets (the VAE of `vae_ckpt: auto`, the
 evaluator) are runs too, named by a hash of their config and trained once under a lock. Checkpoints carry a
-`sorabench_kind` tag, and a DiT checkpoint carries the VAE that decodes its latents, so loading checks both.
-
-Here, under the commands and beside the modules it loads, so that `train`, `evaluate` and `sweep` share it without
-importing each other.
+`sorabench_kind` tag, and a DiT checkpoint carries the VAE that decodes its latents (both written by callbacks,
+`sorabench.training.callbacks`), so loading checks both.
 """
 
 from __future__ import annotations
@@ -15,13 +13,12 @@ import json
 import pickle
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from sorabench.config import ConfigError, compose_config, config_key
-from sorabench.files import atomic_write_text, file_lock, file_sha256, state_dict_sha256
+from sorabench.files import atomic_write_text, file_lock, state_dict_sha256
 from sorabench.pipeline import TextToVideo
 from sorabench.training.dit_module import DiTModule
 from sorabench.training.vae_module import VAEModule
@@ -70,31 +67,6 @@ def train_shared_asset(sub: DictConfig, train_fn, what: str) -> Path:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
-
-
-class TagCheckpointKind(L.Callback):
-    """Writes `sorabench_kind` into every checkpoint so a VAE checkpoint given as a DiT is caught at load time."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["sorabench_kind"] = self.kind
-
-
-class EmbedVAE(L.Callback):
-    """Writes the VAE that decodes a DiT's latents into every DiT checkpoint (its weights, its hyperparameters and
-    two SHA-256s: of the VAE checkpoint file, the identity that keys the latent caches, and of the weights, checked
-    on load), so `sample`/`evaluate` need only the DiT checkpoint, from any directory and on any machine. The VAE is
-    small (a few MB) next to what a lost or moved VAE file costs."""
-
-    def __init__(self, vae_ckpt: str | Path, vae):
-        self.embedded = {"state_dict": {k: v.detach().cpu().clone() for k, v in vae.state_dict().items()},
-                         "hyper_parameters": dict(vae.hparams), "file_sha256": file_sha256(vae_ckpt),
-                         "weights_sha256": state_dict_sha256(vae), "source": str(vae_ckpt)}
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        checkpoint["sorabench_vae"] = self.embedded
 
 
 def read_checkpoint(path: str | Path, kind: str | None = None) -> dict:

@@ -9,22 +9,17 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import random
-import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sorabench.config import ConfigError
 from sorabench.files import atomic_save
+from sorabench.training.callbacks import StepProgressBar
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,95 +28,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_save(checkpoint, path)
-
-
-class EMA(WeightAveraging):
-    """Lightning's EMA weight averaging (EMAWeightAveraging's schedule: every step from `start_step`), updating all
-    weights with one foreach lerp (torch's `get_ema_multi_avg_fn`). EMAWeightAveraging hard-wires the per-tensor
-    `get_ema_avg_fn`, a Python loop over every tensor, several times slower per step (benchmarks/RESULTS.md, 11)."""
-
-    def __init__(self, decay: float, start_step: int = 0):
-        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.start_step = start_step
-
-    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return step_idx is not None and step_idx >= self.start_step
-
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        self.train_ended = False
-
-    def on_train_end(self, trainer, pl_module):
-        super().on_train_end(trainer, pl_module)  # the average goes into the module: what is evaluated and sampled
-        self.train_ended = True
-
-    def on_fit_end(self, trainer, pl_module):
-        # A run resumed from a checkpoint at max_steps (e.g. after a crash in teardown) skips the training loop, so
-        # on_train_end never ran and the module still holds the raw weights the checkpoint restored: put the
-        # average in, so a resumed run evaluates exactly what an uninterrupted one does.
-        if not self.train_ended and self._average_model is not None:
-            self._copy_average_to_current(pl_module)
-
-
-class StepProgressBar(TQDMProgressBar):
-    """Lightning's plain tqdm bar, counting optimizer steps out of `trainer.max_steps` in step-based training (an
-    epoch count means nothing there), and guarded: an error inside the bar turns it off with a warning and never
-    ends the run (Rich's live display once crashed a 9-minute run in its teardown, losing the final evaluation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.broken = False
-        for name in dir(L.Callback):
-            if name.startswith("on_") or name in ("setup", "teardown"):
-                setattr(self, name, self._guarded(getattr(self, name)))
-
-    def _guarded(self, hook):
-        @functools.wraps(hook)
-        def run(*args, **kwargs):
-            if self.broken:
-                return None
-            try:
-                return hook(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - a display must not end a training run
-                self.broken = True
-                print(f"warning: the progress bar failed ({type(e).__name__}: {e}); training continues without it",
-                      file=sys.stderr)
-                return None
-
-        return run
-
-    def on_train_epoch_start(self, trainer, *args):
-        super().on_train_epoch_start(trainer, *args)
-        if trainer.max_steps > 0:
-            bar = self.train_progress_bar
-            bar.total, bar.n = trainer.max_steps, trainer.global_step
-            bar.set_description(f"epoch {trainer.current_epoch}, step")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.max_steps <= 0:
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        bar = self.train_progress_bar
-        if bar is not None and not bar.disable:
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
-
-
-class SeedPerRank(L.Callback):
-    """Under DDP every rank draws its own noise, timesteps, caption-dropout masks and posterior samples: when
-    training starts, each rank reseeds with `seed * world_size + rank` (as DiT's train.py does). One
-    `seed_everything(seed)` in every rank would give the global batch only one rank's worth of distinct draws.
-    The model's init stays `seed` in every rank, and Lightning's DistributedSampler keeps its own seed
-    (PL_GLOBAL_SEED), so the ranks still split the clips between them. A single process is left as it was."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_train_start(self, trainer, pl_module):
-        if trainer.world_size > 1:
-            seed = self.seed * trainer.world_size + trainer.global_rank
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
 
 
 def lr_schedule(warmup: int, total: int, final: float = 0.0, schedule: str = "cosine",

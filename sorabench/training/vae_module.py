@@ -4,8 +4,8 @@ Batches are dicts with `video` (B, 3, T, H, W) in [-1, 1]; other keys are ignore
 posterior mean and reports per-frame PSNR and SSIM on [-1, 1] with data_range 2 (the same numbers as on [0, 1] with
 data_range 1), and, under an MLFlowLogger, logs input | reconstruction videos as artifacts.
 
-Budget: batch 4, lr 4e-3, 1300 steps (`conf/vae/default.yaml`): on a budget of CPU minutes more, smaller steps win
-over fewer, larger ones in the same time (the measured times and PSNRs: benchmarks/RESULTS.md).
+Budget: batch 4, lr 4e-3, 1300 steps (`conf/vae/default.yaml`): at a short, fixed compute budget more, smaller steps
+win over fewer, larger ones in the same time (the measured times and PSNRs: benchmarks/RESULTS.md).
 
 Latent scale factor. Diffusion wants latents of about unit variance, so, as Stable Diffusion's 0.18215, the module
 keeps `scale_factor` = 1 / std of the posterior means over a sample of training data, and the DiT side works with
@@ -110,7 +110,7 @@ class VAEModule(L.LightningModule):
 
         def lr_factor(step: int) -> float:
             # Warmup-free "stable then decay": constant, then linear to zero over the last DECAY_FRACTION of the run.
-            # On a budget of minutes it beat a cosine decay from the same peak (benchmarks/RESULTS.md): the lr stays
+            # At this short budget it beat a cosine decay from the same peak (benchmarks/RESULTS.md): the lr stays
             # high longer.
             return min(1.0, (1.0 - step / max(total, 1)) / DECAY_FRACTION)
 

@@ -1,0 +1,25 @@
+"""`sorabench sweep [key=value ...]` runs an Optuna study of DiT trials (grid ablation or TPE search), then reports on
+it (`report=true`); `sorabench sweep status` prints the table of every cell of one. The library is `sorabench/sweep/`."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from sorabench.config import compose_config
+from sorabench.sweep.run import run_sweep
+from sorabench.sweep.status import status
+
+
+def main(cfg: DictConfig, subcommand: str | None = None) -> int:
+    if subcommand == "status":
+        return status(cfg)
+    return run_sweep(cfg, report=report_study)
+
+
+def report_study(cfg: DictConfig, sweep: dict) -> None:
+    """`sorabench report` on the study just run, on its first objective, into `<outputs>/report/<study>/`."""
+    from sorabench.commands.report import main as report_main
+
+    report_main(compose_config("report", [f"outputs={cfg.outputs}", f"study={cfg.study}", f"name={cfg.study}",
+                                          f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+                                          f"metric={sweep['objectives'][0]['metric']}"], command="report"))
