@@ -35,7 +35,7 @@ def test_a_stalled_worker_leaves_its_taken_over_cell_alone(tmp_path):
     leaves without a traceback; each cell ends COMPLETE once, with one MLflow child and one eval value per step."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     extra = ["heartbeat_interval=1", "grace_period=3", "report=false", "~sweep.protocol"]  # tiny: no declared budget
-    longer = ["trainer.max_steps=200", "trainer.checkpoint_every_n_steps=20"]
+    longer = ["trainer.max_steps=120", "trainer.checkpoint_every_n_steps=10", "trainer.log_every_n_steps=5"]
     w1 = start_sweep(tmp_path, extra=extra, trial_overrides=longer)
     time.sleep(3)  # w1 queues the cells and trains the shared assets first; w2 then finds them
     w2 = start_sweep(tmp_path, extra=extra, trial_overrides=longer)
@@ -50,11 +50,11 @@ def test_a_stalled_worker_leaves_its_taken_over_cell_alone(tmp_path):
 
     try:
         wait_for(lambda: running(w2) and (tmp_path / "train" / running(w2)[0].user_attrs["run_name"] / "checkpoints"
-                                          / "last.ckpt").is_file(), 120, "worker 2 mid-trial", procs)
+                                          / "last.ckpt").is_file(), 240, "worker 2 mid-trial", procs)
         stale = running(w2)[0]
         os.kill(w2.pid, signal.SIGSTOP)
         cell = stale.user_attrs["cell"]
-        wait_for(lambda: [t for t in running(w1) if t.user_attrs.get("cell") == cell], 120,
+        wait_for(lambda: [t for t in running(w1) if t.user_attrs.get("cell") == cell], 240,
                  "worker 1 to take the stalled cell over", [w1])
         os.kill(w2.pid, signal.SIGCONT)
         outs = [w.communicate(timeout=120)[0] for w in procs]
@@ -80,3 +80,80 @@ def test_a_stalled_worker_leaves_its_taken_over_cell_alone(tmp_path):
         trial = next(t for t in final if t.state == TrialState.COMPLETE and t.user_attrs["run_name"].endswith(
             kid.info.run_name))
         assert value == pytest.approx(trial.value)  # MLflow's value is the one Optuna holds
+
+
+def grid_study(tmp_path, cells):
+    from sorabench.sweep.study import schedule
+
+    sweep = {"mode": "grid", "params": {"conditioning": {"choices": cells}}, "seeds": [0]}
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    schedule(study, sweep, len(cells))
+    return study, sweep
+
+
+def test_a_transient_failure_is_retried_in_the_same_invocation_and_a_final_one_is_not(tmp_path):
+    """`run_trials` retries a transient failure up to max_retry in the same invocation, never a final one (NaN
+    loss), never beyond max_retry; the study then ends with every cell either COMPLETE or failed for good."""
+    from omegaconf import OmegaConf
+
+    from sorabench.sweep.run import run_trials
+    from sorabench.sweep.study import FINAL_FAILURE, finished_count
+
+    study, sweep = grid_study(tmp_path, ["flaky", "nan", "broken"])
+    calls = []
+
+    def objective(trial):
+        cell = trial.user_attrs["cell"]["conditioning"]
+        calls.append(cell)
+        if cell == "nan":
+            trial.set_user_attr(FINAL_FAILURE, "loss is nan")
+            raise RuntimeError("loss is nan")
+        if cell == "broken" or calls.count("flaky") == 1:
+            raise OSError("transient")
+        return 1.0
+
+    cfg = OmegaConf.create({"heartbeat_interval": 1, "max_retry": 2})
+    run_trials(cfg, sweep, study, objective, 3, lambda: False)
+    assert sorted(calls) == ["broken"] * 3 + ["flaky"] * 2 + ["nan"]  # broken: 1 try + max_retry retries
+    by_cell = {}
+    for t in study.trials:
+        by_cell.setdefault(t.user_attrs["cell"]["conditioning"], []).append(t.state)
+    assert by_cell == {"flaky": [TrialState.FAIL, TrialState.COMPLETE], "nan": [TrialState.FAIL],
+                       "broken": [TrialState.FAIL] * 3}
+    assert finished_count(study) == (3, 0)
+
+
+def test_the_parent_run_ends_only_when_every_cell_did_and_the_report_says_what_is_missing(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from sorabench.report.markdown import completeness_line
+    from sorabench.sweep.lease import end_parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = OmegaConf.create({"mlflow": {"tracking_uri": uri}})
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.create_run(client.create_experiment("s", artifact_location=str(tmp_path / "a"))).info.run_id
+    study, _ = grid_study(tmp_path, ["a", "b"])
+    first = study.ask()  # cell a runs here; cell b waits
+    assert end_parent_run(cfg, study, parent, 2) == "RUNNING"  # another worker still has work: not ended
+    assert client.get_run(parent).info.status == "RUNNING"
+    first.set_user_attr("run_name", "s/a-seed0")
+    study.tell(first, state=TrialState.FAIL)
+    second = study.ask()
+    study.tell(second, 1.0)
+    assert end_parent_run(cfg, study, parent, 2) == "FAILED"
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["sorabench.cells_failed"] == "a-seed0"
+    assert run.data.tags["sorabench.cells"] == "2" and run.data.tags["sorabench.cells_complete"] == "1"
+
+    def header(states, cells):
+        return completeness_line(SimpleNamespace(children=pd.DataFrame({"state": states}),
+                                                 parents=pd.DataFrame({"tags.sorabench.cells": [cells]})))
+
+    assert header(["COMPLETE", "FAIL"], "2") == [
+        "**INCOMPLETE STUDY: 1 of 2 cells ended (1 FAIL)**; the tables below count only COMPLETE runs"]
+    assert "1 missing" in header(["COMPLETE"], "2")[0]
+    assert header(["COMPLETE", "COMPLETE"], "2") == [] == header(["COMPLETE"], None)

@@ -618,3 +618,42 @@ def test_binding_tables_hold_the_strategies_the_instrument_and_the_swap_errors()
     md = "\n".join(markdown.binding_section(scores, errors))
     assert "## Binding" in md and "shape wrong / swap" in md and "| b | 1 |" in md
     assert attributes.binding_tables(runs.drop(columns="eval/bind_all"))[0].empty
+
+
+def test_a_tuned_study_is_ranked_per_recipe_side_by_side(tmp_path):
+    # shared: a ahead of b; tuned (each at its own recipe and guidance scale): b ahead of a. Never pooled.
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("tuned", artifact_location=str(tmp_path / "art"))
+    pid = client.create_run(exp, tags={"sorabench.role": "study", "sorabench.study": "tuned",
+                                       "sorabench.protocol_hash": "abc123def456"}).info.run_id
+    acc = {("a", "shared"): [0.6, 0.62, 0.64], ("b", "shared"): [0.2, 0.22, 0.24],
+           ("a", "tuned"): [0.65, 0.66, 0.67], ("b", "tuned"): [0.8, 0.82, 0.84]}
+    trial = 0
+    for (strategy, recipe), values in acc.items():
+        for seed, v in enumerate(values):
+            tags = {"mlflow.parentRunId": pid, "sorabench.strategy": strategy, "optuna.state": "COMPLETE",
+                    "optuna.trial_number": str(trial), "sorabench.recipe": recipe,
+                    "eval.protocol.cfg": "2.0" if recipe == "shared" or strategy == "a" else "4.0"}
+            if recipe == "tuned":
+                tags.update({"sorabench.tuned_overrides": f"optim.lr=0.00{trial % 2 + 1} metrics.cfg=4",
+                             "sorabench.tuned_value": "0.7", "sorabench.tuning_trials": "3"})
+            run = client.create_run(exp, tags=tags)
+            client.log_batch(run.info.run_id, metrics=[Metric("eval/acc_all", v, 0, 10)],
+                             params=[Param("seed", str(seed))])
+            client.set_terminated(run.info.run_id, "FINISHED")
+            trial += 1
+    assert main(report_cfg(tmp_path, "study=tuned", "name=tuned", "metric=eval/acc_all")) == 0
+    out = tmp_path / "report" / "tuned"
+    md = (out / "report.md").read_text()
+    assert "## Shared recipe vs each strategy's own tuned recipe" in md and "abc123def456" in md
+    shared = pd.read_csv(out / "shared" / "summary.csv").set_index("strategy")
+    tuned = pd.read_csv(out / "tuned" / "summary.csv").set_index("strategy")
+    assert list(shared.index) == ["a", "b"] and list(tuned.index) == ["b", "a"]  # each recipe ranked on its own
+    assert shared.loc["b", "eval/acc_all_mean"] == pytest.approx(0.22)
+    assert tuned.loc["b", "eval/acc_all_mean"] == pytest.approx(0.82)
+    assert "`shared`: ranking a > b" in md and "`tuned`: ranking b > a" in md
+    per_seed = (out / "tuned" / "report.md").read_text().split("## Per seed")[1]
+    assert "| b | eval/acc_all | 0.8 | 0.82 | 0.84 |" in per_seed  # every run's value, seed by seed

@@ -12,7 +12,7 @@ from sorabench.report.attributes import REFERENCE_SOURCES, SWAP_ATTRIBUTES
 from sorabench.report.formatting import arrow, fmt, fmt_ci, fmt_p, md_table, ranked_rows, summary_cell
 from sorabench.report.guidance import GUIDANCE_KEY, GUIDANCE_PLOTS
 from sorabench.report.plots import Figures
-from sorabench.report.runs import Study
+from sorabench.report.runs import Study, declared_protocol
 from sorabench.report.stats import ALPHA, finite, holm_family
 
 
@@ -23,6 +23,7 @@ def render_markdown(title: str, header: list[str], a: Analysis, excluded: pd.Dat
     md += ranked_section(a.summary, a.metric, a.direction, row)
     md += metrics_section(a.summary, a.metrics)
     md += pairwise_section(a.tests)
+    md += per_seed_section(a.runs, [*a.tests] or [a.metric], a.order, a.by)
     md += composition_section(a.composition, a.by)
     md += binding_section(*a.binding, by=a.by)
     md += references_section(a.references)
@@ -46,12 +47,44 @@ def header_lines(study: Study, uri: str, metric: str, direction: str) -> list[st
         f"tracking URI: `{uri}`",
         "parent run: " + (f"`{study.parent_id}`" if study.parent_id else "none (all runs of the experiment)"),
         "child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+        *completeness_line(study),
         f"headline metric: {metric} ({'lower' if direction == 'minimize' else 'higher'} is better)",
         f"rows: one per {study.row} (group_by)",
         f"evaluation protocol: `{study.protocol_hash}` (hash of every run's protocol tags: one for the whole table)",
+        preregistered_line(study.parents),
         budget_line(study.complete),
         f"generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
     ]
+
+
+def completeness_line(study: Study) -> list[str]:
+    """One visible line when the study has failed, unfinished or missing cells (child runs not COMPLETE, or fewer
+    than the `sorabench.cells` its sweep tagged on the parent run); nothing when every cell completed."""
+    states = study.children.state if "state" in study.children else pd.Series(dtype=str)
+    tag = "tags.sorabench.cells"
+    cells = pd.to_numeric(study.parents[tag], errors="coerce").dropna() if tag in study.parents else pd.Series()
+    expected = int(cells.max()) if len(cells) else len(states)
+    ended = states.isin(["COMPLETE", "PRUNED"])  # a pruned search trial ended as it should
+    complete = int(ended.sum())
+    not_complete = {s: int(n) for s, n in states[~ended].value_counts().items()}
+    missing = max(0, expected - len(states))
+    if complete >= expected and not not_complete:
+        return []
+    parts = [f"{n} {s}" for s, n in not_complete.items()] + ([f"{missing} missing"] if missing else [])
+    return [f"**INCOMPLETE STUDY: {complete} of {expected} cells ended ({', '.join(parts)})**; the tables "
+            "below count only COMPLETE runs"]
+
+
+def preregistered_line(parents: pd.DataFrame) -> str:
+    """The study's declared protocol (`protocol:` of its sweep YAML) and the hash the sweep froze it under."""
+    digest = "tags.sorabench.protocol_hash"
+    frozen = str(parents[digest].dropna().iloc[-1]) if digest in parents and parents[digest].notna().any() else None
+    declared = declared_protocol(parents)
+    if not declared and frozen is None:
+        return "pre-registered protocol: none declared (no `protocol:` in the sweep YAML)"
+    parts = [f"{k} {declared[k]}" for k in ("budget", "seeds", "tested", "alpha", "margins") if k in declared]
+    return (f"pre-registered protocol `{frozen or 'not frozen'}` (fixed overrides, protocol, objectives and recipes, "
+            f"frozen when the study started): " + ("; ".join(parts) or "no fields declared"))
 
 
 def budget_line(runs: pd.DataFrame) -> str:
@@ -119,6 +152,26 @@ def pairwise_section(tests: dict[str, pd.DataFrame]) -> list[str]:
     if not tests:
         md += ["No tested metric was logged.", ""]
     return md
+
+
+def per_seed_section(runs: pd.DataFrame, metrics: list[str], order: list, by: str = "strategy") -> list[str]:
+    """Every run's value of the tested metrics, seed by seed: a mean ± CI hides a two-peaked outcome (a strategy
+    that learns a skill on one seed of three), which the tests' normal approximation then misreads."""
+    if "seed" not in runs or runs.empty:
+        return []
+    seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
+    rows = []
+    for label in order:
+        group = runs[runs[by] == label]
+        for m in metrics:
+            if m not in group:
+                continue
+            by_seed = {int(sd): v for sd, v in zip(group["seed"], group[m]) if pd.notna(sd)}
+            rows.append([str(label), m, *[fmt(by_seed.get(sd), 3) for sd in seeds]])
+    if not rows:
+        return []
+    return ["## Per seed", "", "Each run's value (read beside the intervals: a two-peaked outcome shows here).", "",
+            md_table([by, "metric", *[f"seed {sd}" for sd in seeds]], rows), ""]
 
 
 def composition_section(comp: pd.DataFrame, by: str = "strategy") -> list[str]:

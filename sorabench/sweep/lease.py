@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -39,10 +40,13 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sorabench.files import atomic_write_text
-from sorabench.sweep.study import FINAL_FAILURE, SPARE
+from sorabench.sweep.study import FINAL_FAILURE, SPARE, retried_numbers
+from sorabench.tracking import set_parent_status, set_parent_tags
 
 console = Console(soft_wrap=True)
 OWNER_FILE = "owner.json"
+# study.ask() warns that heartbeats are meant for study.optimize: run_one_trial runs the heartbeat thread itself.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 class CellLost(Exception):
@@ -158,3 +162,23 @@ def retry_failed(study: optuna.Study, frozen, max_retry: int) -> bool:
     RetryHeartbeatStaleTrialCallback(max_retry=None)(study, frozen)
     console.print(f"trial {frozen.number} failed; retrying it ({len(history) + 1} of {max_retry})", highlight=False)
     return True
+
+
+def end_parent_run(cfg, study: optuna.Study, parent_run_id: str | None, target: int) -> str:
+    """End the study's MLflow parent run honestly, once nothing runs or waits anywhere (else leave it RUNNING for
+    the worker that finishes last): FINISHED when every cell completed, FAILED when some failed for good; the
+    parent's tags `sorabench.cells`, `sorabench.cells_complete` and `sorabench.cells_failed` say which (the
+    report's header reads them). Returns the status set (or RUNNING)."""
+    trials = study.get_trials(deepcopy=False)
+    if parent_run_id is None or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return "RUNNING"
+    retried = retried_numbers(trials)
+    ended = [t for t in trials if SPARE not in t.user_attrs and t.number not in retried]
+    complete = [t for t in ended if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    failed = [t.user_attrs.get("run_name", f"trial-{t.number}").rsplit("/", 1)[-1] for t in ended
+              if t.state == TrialState.FAIL]
+    status = "FINISHED" if len(complete) >= target else "FAILED"
+    set_parent_tags(cfg, parent_run_id, {"sorabench.cells": target, "sorabench.cells_complete": len(complete),
+                                         "sorabench.cells_failed": ", ".join(failed) or "none"})
+    set_parent_status(cfg, parent_run_id, status)
+    return status

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sorabench.config import ConfigError, require, to_container
-from sorabench.sweep.lease import CellLease, CellLost, run_one_trial
+from sorabench.sweep.lease import CellLease, CellLost, end_parent_run, run_one_trial
 from sorabench.sweep.space import grid_space, parse_space, record_cell_params, run_name, trial_config, trial_values, \
     view_columns
 from sorabench.sweep.study import FINAL_FAILURE, PRECISION_ATTR, SPARE, check_study_compatible, create_study, \
@@ -59,7 +59,7 @@ def run_sweep(cfg: DictConfig, report=None) -> int:
         w.join()
     if ddp:  # (after an interrupt, Lightning's launcher has already stopped the other ranks)
         DDPFollower.stop()
-    set_parent_status(cfg, parent_run_id, "FINISHED")
+    end_parent_run(cfg, study, parent_run_id, target)  # FINISHED or FAILED once no cell runs or waits anywhere
     console.print(f"study {cfg.study!r}: {target} trials finished; this worker ran for {time.time() - start:.0f} s")
     print_results(study)
     if report is not None and cfg.report and cfg.mlflow.enabled:
