@@ -52,7 +52,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sorabench.data.folder import DataError
     from sorabench.data.video_io import VideoReadError
 
-    return (ConfigError, DataError, VideoReadError, HydraException, OmegaConfBaseException, FileNotFoundError)
+    from sorabench.files import DiskFullError  # not bad input, but as actionable: one line naming the file
+
+    return (ConfigError, DataError, VideoReadError, HydraException, OmegaConfBaseException, FileNotFoundError,
+            DiskFullError)
 
 
 def command_help(command: str) -> str:

@@ -11,9 +11,11 @@ POSIX record lock (`fcntl.lockf`), which NFS forwards to the server, unlike BSD 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import socket
 import uuid
 from contextlib import contextmanager
@@ -29,13 +31,44 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+class DiskFullError(OSError):
+    """The device ran out of space (or quota) while writing a file: one line naming it. What was there before (the
+    previous checkpoint, a cache) is untouched; rerunning the command once space is back continues."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as torch.save reports it (a RuntimeError "... file write failed", errno lost)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("write failed" in str(e) or "No space left" in str(e))
+
+
+@contextmanager
+def naming_full_disk(path: str | Path, what: str = "writing"):
+    """Turn running out of disk space inside the block into a `DiskFullError` that names `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(f"no space left on the device {what} {path} ({free}); what was written before is kept: "
+                            "free some space and rerun the command to continue") from e
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(binary file)` on a temporary file, fsync it, rename it to `path`; returns `path`."""
+    """Call `write(binary file)` on a temporary file, fsync it, rename it to `path`; returns `path`. A full disk
+    raises `DiskFullError` naming `path`; the file that was there stays whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with naming_full_disk(path), open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

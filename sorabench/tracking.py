@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from sorabench.config import ConfigError, flatten, to_container
-from sorabench.files import atomic_write_text
+from sorabench.files import atomic_write_text, naming_full_disk
 
 RUN_ID_FILE = "mlflow_run.json"
 # MLflow 3's UI opens an experiment by its kind tag; untagged, sorabench's open in the GenAI view (traces, sessions).
@@ -213,7 +213,8 @@ def log_config(logger, cfg: DictConfig):
     logger.log_hyperparams(params)
     path = Path(cfg.run_dir) / "config.yaml"
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
-    logger.experiment.log_artifact(logger.run_id, str(path))
+    with naming_full_disk(path, "uploading"):
+        logger.experiment.log_artifact(logger.run_id, str(path))
     logger.experiment.set_tag(logger.run_id, "package_versions", json.dumps(package_versions()))
 
 
@@ -222,7 +223,8 @@ def log_artifact(logger, path: str | Path, artifact_path: str | None = None):
     from lightning.pytorch.loggers import MLFlowLogger
 
     if isinstance(logger, MLFlowLogger):
-        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
+        with naming_full_disk(path, "uploading"):  # a full artifact store: one line naming the file
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=artifact_path)
 
 
 def quiet_libraries():
@@ -407,7 +409,8 @@ def metric_history(client, run_id: str, metric: str) -> list:
 
 def log_files(client, run_id: str, paths: list[Path], artifact_path: str):
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        with naming_full_disk(path, "uploading"):
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def log_metric_values(client, run_id: str, values: dict[str, float]):

@@ -114,3 +114,14 @@ def test_draws_are_reproducible_and_within_the_space():
         assert overrides[0].startswith("optim.lr=") and 1e-3 <= lr <= 8e-3
         assert overrides[1] in ("optim.warmup_steps=50", "optim.warmup_steps=200")
     assert draw_recipes({**tune, "seed": 4}) != a
+
+
+def test_the_guidance_axis_carries_the_binding_headline():
+    # a binding tuning sweep selects on eval/cfg<s>/bind_all: the axis must log it where the run scores binding
+    from sorabench.metrics.evaluate import _axis_scores
+
+    scored = {"eval/fvd": 1.0, "eval/chance_shape": 0.3, "eval/acc_shape": 0.5, "eval/bind_all": 0.25,
+              "eval/bind_twins": 0.1, "eval/bind_object": 0.4, "eval/bind_swap_share": 0.6}
+    axis = _axis_scores(scored, 2.0, "eval")
+    assert axis["eval/cfg2/bind_all"] == 0.25 and axis["eval/cfg2/bind_twins"] == 0.1
+    assert "eval/cfg2/bind_swap_share" not in axis and axis["eval/cfg2/acc_shape"] == 0.5

@@ -293,7 +293,8 @@ def reference_points(evaluator, batches, labels, unseen, vae_module=None, unseen
 def axis_metrics(scored: dict[str, float]) -> list[str]:
     """What is logged per scale: the headline numbers, not every diagnostic (every attribute scored has a chance)."""
     attrs = [k.removeprefix("eval/chance_") for k in scored if k.startswith("eval/chance_")]
-    return ["fvd", "fid", "kid", *[f"acc_{a}" for a in attrs], "acc_all_seen", "acc_all_unseen"]
+    binding = ["bind_all", "bind_object", "bind_twins"]  # the binding task's headline (a tuning sweep selects on it)
+    return ["fvd", "fid", "kid", *[f"acc_{a}" for a in attrs], "acc_all_seen", "acc_all_unseen", *binding]
 
 
 def guidance_key(metric: str, scale: float, prefix: str = "eval") -> str:

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from sorabench.config import ConfigError, require, to_container
+from sorabench.files import DiskFullError
 from sorabench.sweep.lease import CellLease, CellLost, end_parent_run, run_one_trial
 from sorabench.sweep.space import grid_space, parse_space, record_cell_params, run_name, trial_config, trial_values, \
     view_columns
@@ -217,14 +218,15 @@ def train_trial(tcfg: DictConfig, trial: optuna.Trial, parent_run_id: str | None
         raise KeyboardInterrupt(reason) from e
     except Exception as e:
         # A non-finite loss happens again on a retry: final. Anything else (a full disk, a lost connection, a
-        # race) may not: the trial fails now, and rerunning the command runs it again.
+        # race) may not: the trial fails now and is retried, in this invocation up to max_retry (sweep/lease.py).
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr("failure_reason", reason[:2000])
         if isinstance(e, NonFiniteLossError):
             trial.set_user_attr(FINAL_FAILURE, reason[:2000])
         mark_run(tcfg, "FAIL", reason)
         console.print(f"[red]trial {trial.number} failed: {reason}")
-        console.print(traceback.format_exc(limit=3), style="dim")
+        if not isinstance(e, DiskFullError):  # one line: it names the file
+            console.print(traceback.format_exc(limit=3), style="dim")
         raise
 
 
