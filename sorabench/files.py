@@ -36,11 +36,19 @@ class DiskFullError(OSError):
     previous checkpoint, a cache) is untouched; rerunning the command once space is back continues."""
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also as torch.save reports it (a RuntimeError "... file write failed", errno lost)."""
+def is_disk_full(e: BaseException, path: str | Path) -> bool:
+    """ENOSPC/EDQUOT, also as torch.save reports it: a RuntimeError ("file write failed", "unexpected pos") with the
+    errno lost, counted as a full disk when it says so or when `path`'s filesystem has under 1 MiB left."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and ("write failed" in str(e) or "No space left" in str(e))
+    if not isinstance(e, RuntimeError):
+        return False
+    if "write failed" in str(e) or "No space left" in str(e):
+        return True
+    try:
+        return "unexpected pos" in str(e) and shutil.disk_usage(Path(path).parent).free < 2**20
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -51,7 +59,7 @@ def naming_full_disk(path: str | Path, what: str = "writing"):
     except DiskFullError:
         raise
     except (OSError, RuntimeError) as e:
-        if not is_disk_full(e):
+        if not is_disk_full(e, path):
             raise
         try:
             free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"

@@ -60,8 +60,7 @@ def test_every_strategy_is_tuned_on_the_same_recipes_and_its_best_runs_beside_th
     assert sorted(lr for lr, _ in tuned_on["adaln_zero"]) == sorted(lrs)
 
     fake.configs.clear()
-    assert run_sweep(sweep_cfg(tmp_path, "conditioning_ablation_tuned", TWO, "sweep.seeds=[0]",
-                               "sweep.protocol.seeds=[0]")) == 0
+    assert run_sweep(sweep_cfg(tmp_path, "conditioning_ablation_tuned", TWO, "sweep.seeds=[0]")) == 0
     got = {(str(c.conditioning.name), float(c.optim.lr), float(c.metrics.cfg)) for c in fake.configs}
     assert all(c.metrics.real_split == "final" for c in fake.configs)
     assert ("adaln_zero", 4e-3, 2.0) in got and ("in_context", 4e-3, 2.0) in got  # the shared recipe

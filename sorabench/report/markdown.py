@@ -71,7 +71,7 @@ def completeness_line(study: Study) -> list[str]:
     if complete >= expected and not not_complete:
         return []
     parts = [f"{n} {s}" for s, n in not_complete.items()] + ([f"{missing} missing"] if missing else [])
-    return [f"**INCOMPLETE STUDY: {complete} of {expected} cells ended ({', '.join(parts)})**; the tables "
+    return [f"**INCOMPLETE STUDY: {complete} of {expected} cells completed ({', '.join(parts)})**; the tables "
             "below count only COMPLETE runs"]
 
 

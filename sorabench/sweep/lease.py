@@ -138,6 +138,7 @@ def run_one_trial(study: optuna.Study, objective, max_retry: int) -> None:
             state = TrialState.PRUNED
         except CellLost as e:
             console.print(f"[yellow]{e}", markup=True, highlight=False)
+            end_lost(study, trial, str(e))
             return
         except KeyboardInterrupt as e:
             interrupt = e
@@ -148,6 +149,17 @@ def run_one_trial(study: optuna.Study, objective, max_retry: int) -> None:
     study.tell(trial, values, state=state, skip_if_finished=True)
     if interrupt is not None:
         raise interrupt
+
+
+def end_lost(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """A lost trial that Optuna still has RUNNING (a newer trial took its directory without failing it: a cell
+    queued twice) ends FAIL as a spare, never retried; one failed as stale is left as it is."""
+    try:
+        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+            trial.set_user_attr(SPARE, reason)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    except (RuntimeError, ValueError):  # finished meanwhile (UpdateFinishedTrialError): nothing left to end
+        pass
 
 
 def retry_failed(study: optuna.Study, frozen, max_retry: int) -> bool:
