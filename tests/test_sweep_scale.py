@@ -65,7 +65,7 @@ class FakeTrain:
     def __init__(self, fail=None, fvd=1.0):
         self.calls, self.fail, self.fvd = [], dict(fail or {}), fvd
 
-    def __call__(self, cfg, parent_run_id=None, callbacks=(), tags=None, trial=None):
+    def __call__(self, cfg, parent_run_id=None, callbacks=(), tags=None, trial=None, guard=None):
         cell = (str(cfg.conditioning.name), int(cfg.seed))
         self.calls.append(cell)
         if cfg.mlflow.enabled:
@@ -162,7 +162,9 @@ def test_interrupt_during_evaluation_leaves_the_cell_to_the_rerun(tmp_path, fake
 
 
 def test_a_failure_outside_the_model_runs_again_on_rerun(tmp_path, fake_train):
-    cfg = sweep_cfg(tmp_path, "sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]")
+    # with no retries left in the invocation (max_retry=0), the rerun of the command runs it again
+    cfg = sweep_cfg(tmp_path, "sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]",
+                    "max_retry=0")
     fake_train.fail = {("adaln_zero", 0): FileNotFoundError("latents/k.pt.tmp")}  # the shared-cache race
     assert run_sweep(cfg) == 0
     study, done = cells(cfg)
@@ -226,7 +228,7 @@ def test_sweep_status_lists_every_cell(tmp_path, fake_train, capsys):
 
     two = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep.seeds=[0]"]
     fake_train.fail = {("in_context", 0): OSError("disk full")}
-    assert run_sweep(sweep_cfg(tmp_path, *two)) == 0
+    assert run_sweep(sweep_cfg(tmp_path, *two, "max_retry=0")) == 0  # no retry in the invocation: left for a rerun
     capsys.readouterr()
     assert cli_main(["sweep", "status", f"outputs={tmp_path}", "mlflow.enabled=false", *two,
                      "sweep.seeds=[0,1]"]) == 0

@@ -75,10 +75,18 @@ def test_a_changed_recipe_draw_is_refused_for_an_existing_study(tmp_path, fake):
         run_sweep(sweep_cfg(tmp_path, "conditioning_tune", TWO, "sweep.tune.trials=2", "sweep.tune.seed=1"))
 
 
-def test_a_declared_budget_the_sweep_does_not_run_is_refused_before_compute(tmp_path, fake):
-    with pytest.raises(ConfigError, match="sweep.protocol.budget"):
-        run_sweep(sweep_cfg(tmp_path, "conditioning_ablation", "sweep.protocol.budget=1400"))
-    assert fake.configs == []
+def test_a_run_at_another_budget_than_declared_says_so_at_start_and_in_the_report(tmp_path, fake, capsys):
+    import mlflow
+
+    cfg = sweep_cfg(tmp_path, "conditioning_ablation", "sweep.protocol.budget=1400", "sweep.seeds=[0]",
+                    "sweep.params.conditioning.choices=[adaln_zero]", "mlflow.enabled=true")
+    assert run_sweep(cfg) == 0
+    assert "deviates from its declared protocol: budget: 1400 steps declared, 1500 run" in capsys.readouterr().out
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    parent = client.search_runs([client.get_experiment_by_name(cfg.study).experiment_id],
+                                filter_string="tags.`sorabench.role` = 'study'")[0]
+    assert parent.data.tags["sorabench.protocol_deviations"] == "budget: 1400 steps declared, 1500 run"
+    assert len(parent.data.tags["sorabench.protocol_hash"]) == 12
 
 
 def test_the_final_sweep_needs_a_finished_tuning_study(tmp_path, fake):

@@ -83,8 +83,11 @@ def preregistered_line(parents: pd.DataFrame) -> str:
     if not declared and frozen is None:
         return "pre-registered protocol: none declared (no `protocol:` in the sweep YAML)"
     parts = [f"{k} {declared[k]}" for k in ("budget", "seeds", "tested", "alpha", "margins") if k in declared]
-    return (f"pre-registered protocol `{frozen or 'not frozen'}` (fixed overrides, protocol, objectives and recipes, "
+    line = (f"pre-registered protocol `{frozen or 'not frozen'}` (fixed overrides, protocol, objectives and recipes, "
             f"frozen when the study started): " + ("; ".join(parts) or "no fields declared"))
+    tag = "tags.sorabench.protocol_deviations"
+    deviation = str(parents[tag].dropna().iloc[-1]) if tag in parents and parents[tag].notna().any() else "none"
+    return line + ("" if deviation == "none" else f"; **DEVIATES from it: {deviation}**")
 
 
 def budget_line(runs: pd.DataFrame) -> str:

@@ -21,7 +21,7 @@ from sorabench.sweep.space import grid_space, parse_space, record_cell_params, r
     view_columns
 from sorabench.sweep.study import FINAL_FAILURE, PRECISION_ATTR, SPARE, check_study_compatible, create_study, \
     finished_count, make_storage, pin_study_precision, schedule, study_lock, study_parent_run, target_trials
-from sorabench.sweep.tuning import RECIPE, TUNED, check_declared, expand_sweep, freeze, picks_tags, recipe_tags, \
+from sorabench.sweep.tuning import RECIPE, TUNED, deviations, expand_sweep, freeze, picks_tags, recipe_tags, \
     tuned_key
 from sorabench.sweep.workers import DDPFollower, die_with_parent, remembered_ctrl_c, start_local_workers, \
     worker_threads
@@ -83,7 +83,8 @@ def check_sweep(cfg: DictConfig, sweep: dict) -> tuple[DictConfig, int]:
     per = tuned_key(sweep)
     for strategy in sweep.get("picks") or {}:  # every tuned recipe composes too (a pick's override may be stale)
         trial_config(cfg, sweep, {**first, per: strategy, RECIPE: TUNED}, f"{cfg.study}/config-check")
-    check_declared(sweep, int(check_cfg.trainer.max_steps))
+    for line in deviations(sweep, int(check_cfg.trainer.max_steps)):
+        console.print(f"[yellow]this sweep deviates from its declared protocol: {line}", highlight=False)
     if cfg.mlflow.enabled:
         check_tracking_uri(cfg.mlflow.tracking_uri)
     return check_cfg, target
@@ -100,7 +101,9 @@ def open_study(cfg: DictConfig, sweep: dict, check_cfg: DictConfig, target: int)
         reruns, new = schedule(study, sweep, target if sweep["mode"] == "grid" else None)
         parent_run_id = study_parent_run(cfg, study)
         views = {} if parent_run_id is None else share_study_view(cfg, parent_run_id, *view_columns(sweep))
-        set_parent_tags(cfg, parent_run_id, {"sorabench.protocol_hash": digest, **picks_tags(sweep)})
+        deviation = "; ".join(deviations(sweep, int(check_cfg.trainer.max_steps))) or "none"
+        set_parent_tags(cfg, parent_run_id, {"sorabench.protocol_hash": digest, **picks_tags(sweep),
+                                             "sorabench.protocol_deviations": deviation})
         pin_study_precision(study, check_cfg)
     console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
                   f"cells and {reruns} reruns of interrupted trials")
