@@ -96,9 +96,6 @@ class VideoDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            # Spawned, not forked: a worker forked from a process that has decoded with PyAV (the folder's probe,
-            # `data check`) can hang inside libav's decoder (seen in the suite); spawn starts clean.
-            multiprocessing_context="spawn" if self.num_workers > 0 else None,
             collate_fn=dataset_class(self.data_cfg.get("name")).collate,
             generator=torch.Generator().manual_seed(seed),
         )
