@@ -17,6 +17,7 @@ TINY = [
     "data.split_sizes.unseen=8",
     "data.split_sizes.final=32",
     "data.batch_size=16",
+    "data.num_workers=0",  # no DataLoader worker forked from a test process that has decoded with PyAV (it can hang)
     "vae.max_steps=4",
     "vae.model.base_channels=8",
     "dit.width=32",
