@@ -82,8 +82,9 @@ def report_by_recipe(cfg: DictConfig, client, study: Study, title: str, uri: str
         analyses[recipe], files[recipe] = report_one(cfg, client, sub, f"{title} - recipe `{recipe}`", uri,
                                                      out_dir / recipe)
     first = next(iter(analyses.values()))
+    section = side_by_side(analyses, first.metric, picks(study.complete, by=study.by))
     md = [f"# {title}", "", *[f"- {line}" for line in header_lines(study, uri, str(cfg.metric), first.direction)], "",
-          *side_by_side(analyses, first.metric, picks(study.complete, by=study.by))]
+          *section]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     if study.parent_id:  # report/report.md and report/<recipe>/... (the parent's per-row means: one recipe's only)
         log_to_parent(client, study, first, out_dir, ["report.md"], str(cfg.name), metrics=False)
@@ -93,7 +94,7 @@ def report_by_recipe(cfg: DictConfig, client, study: Study, title: str, uri: str
     for recipe, a in analyses.items():
         print(f"\nrecipe {recipe}:")
         print_summary(a, study.row, out_dir / recipe, [])
-    print("\n".join(side_by_side(analyses, first.metric, picks(study.complete, by=study.by))))
+    print("\n".join(section))
     return 0
 
 
