@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.test_sweep import children, postgres_url, start_sweep
+from tests.test_sweep import children, postgres_url, start_sweep, storage_of, trials_of
 
 STUDY = "conditioning_ablation"
 
@@ -48,7 +48,7 @@ def test_a_stalled_worker_leaves_its_taken_over_cell_alone(tmp_path, backend):
     procs = [w1, w2]
 
     def trials():
-        return optuna.load_study(study_name=study, storage=storage).trials
+        return trials_of(study, storage)
 
     def running(w):
         return [t for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("host", "").endswith(
@@ -87,7 +87,7 @@ def test_a_stalled_worker_leaves_its_taken_over_cell_alone(tmp_path, backend):
             kid.info.run_name))
         assert value == pytest.approx(trial.value)  # MLflow's value is the one Optuna holds
     if backend == "postgres":
-        optuna.delete_study(study_name=study, storage=storage)
+        optuna.delete_study(study_name=study, storage=storage_of(storage))
 
 
 def grid_study(tmp_path, cells):
@@ -191,7 +191,7 @@ def test_ctrl_c_during_the_final_evaluation_of_a_real_trial_resumes_to_one_compl
     proc = start_sweep(tmp_path, extra=extra, trial_overrides=slow_eval)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
-    states = sorted(t.state.name for t in optuna.load_study(study_name=STUDY, storage=storage).trials)
+    states = sorted(t.state.name for t in trials_of(STUDY, storage))
     assert states == ["COMPLETE", "FAIL"]  # the interrupted trial, and its retry
     client, parents, kids = children(f"sqlite:///{tmp_path}/mlflow.db", STUDY)
     assert len(kids) == 1 and kids[0].info.status == "FINISHED" and parents[0].info.status == "FINISHED"

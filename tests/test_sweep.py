@@ -1,5 +1,6 @@
 """Sweeps end to end with tiny trials: grid on SQLite, crash and resume, and two workers on PostgreSQL."""
 
+import functools
 import json
 import os
 import signal
@@ -28,6 +29,18 @@ TWO_CELLS = ["sweep.params.conditioning.choices=[adaln_zero,in_context]", "sweep
 def sweep_cli_args(outputs, extra=(), trial_overrides=()):
     overrides = ",".join(json.dumps(o) for o in [*TINY, *trial_overrides])
     return [f"outputs={outputs}", "workers=1", *TWO_CELLS, f"overrides=[{overrides}]", *extra]
+
+
+@functools.cache
+def storage_of(url):
+    """One Optuna storage per URL for a test's polling. `optuna.load_study(storage=url)` builds an engine each call,
+    and its pooled connection lives until the garbage collector breaks the engine's reference cycle: a test polling
+    twice a second held 60+ PostgreSQL connections and CI ran out of them ("too many clients already")."""
+    return optuna.storages.RDBStorage(url)
+
+
+def trials_of(study, url):
+    return optuna.load_study(study_name=study, storage=storage_of(url)).trials
 
 
 def children(tracking_uri, study):
@@ -96,7 +109,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         time.sleep(1)
         try:
-            trials = optuna.load_study(study_name="conditioning_ablation", storage=storage).trials
+            trials = trials_of("conditioning_ablation", storage)
         except Exception:
             continue
         if any(t.state == TrialState.RUNNING for t in trials) and any(
@@ -127,7 +140,9 @@ def postgres_url():
     try:
         import sqlalchemy
 
-        sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3}).connect().close()
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3})
+        engine.connect().close()
+        engine.dispose()  # no pooled connection left behind for the rest of the session
     except Exception as e:
         reason = f"no PostgreSQL reachable at {url} ({type(e).__name__}); set SORABENCH_TEST_POSTGRES"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -143,12 +158,12 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
     workers = [start_sweep(tmp_path, extra=extra) for _ in range(2)]
     outs = [w.communicate(timeout=900)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
-    trials = optuna.load_study(study_name=study, storage=url).trials
+    trials = trials_of(study, url)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4
     assert len({t.number for t in complete}) == 4
     assert len({(t.user_attrs["cell"]["conditioning"], t.user_attrs["cell"]["seed"]) for t in complete}) == 4
-    optuna.delete_study(study_name=study, storage=url)
+    optuna.delete_study(study_name=study, storage=storage_of(url))
 
 
 def test_search_sweep_reports_to_the_pruner_and_stops_at_n_trials(tmp_path):
@@ -186,7 +201,7 @@ def test_local_workers_die_with_a_sigkilled_sweep(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def worker_pids():
-        trials = optuna.load_study(study_name="conditioning_ablation", storage=storage).trials
+        trials = trials_of("conditioning_ablation", storage)
         return {int(t.user_attrs["host"].rsplit(":", 1)[-1]) for t in trials if t.state == TrialState.RUNNING}
 
     try:
@@ -223,7 +238,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     workers = [start_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
 
     def running_hosts():
-        trials = optuna.load_study(study_name=study, storage=url).trials
+        trials = trials_of(study, url)
         return {t.user_attrs.get("host", "").rsplit(":", 1)[-1] for t in trials if t.state == TrialState.RUNNING}
 
     try:
@@ -239,7 +254,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
         for w in workers:
             if w.poll() is None:
                 w.kill()
-    trials = optuna.load_study(study_name=study, storage=url).trials
+    trials = trials_of(study, url)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     cells = [(t.user_attrs["cell"]["conditioning"], t.user_attrs["cell"]["seed"]) for t in complete]
     assert len(cells) == 2 == len(set(cells))  # every cell exactly once
@@ -256,4 +271,4 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
 
     summary = pd.read_csv(tmp_path / "report" / study / "summary.csv")
     assert sorted(summary["strategy"]) == ["adaln_zero", "in_context"] and list(summary["n"]) == [1, 1]
-    optuna.delete_study(study_name=study, storage=url)
+    optuna.delete_study(study_name=study, storage=storage_of(url))
