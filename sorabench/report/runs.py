@@ -125,6 +125,8 @@ def check_protocols(runs: pd.DataFrame, keys: list[str], exempt: tuple[str, ...]
     numbers must not be pooled or ranked together), unless that field is a `group_by` key (then rows differ by it
     on purpose) or `exempt` (a tuned recipe sets its own guidance scale: `cfg`)."""
     columns = sorted(c for c in runs if c.startswith(PROTOCOL_TAG_PREFIX) or c in PROTOCOL_PARAMS)
+    if "trainer.precision" in keys:  # the evaluation's precision tag is the run's trainer.precision
+        exempt = (*exempt, "precision")
     shared = {}
     for col in columns:
         values = sorted(set(runs[col].dropna().astype(str)))
