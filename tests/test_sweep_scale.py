@@ -290,3 +290,19 @@ def test_a_ctrl_c_swallowed_inside_a_destructor_still_stops_the_worker():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on the way out
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sweep_report_keeps_every_grid_axis_apart():
+    """The report after a sweep has one row per grid cell less its seed: a second axis (precision_parity's
+    trainer.precision) is a group_by key, never pooled into the strategy's row; a search's continuous parameters and
+    a tuned grid's recipe (reported recipe by recipe) are not."""
+    from omegaconf import OmegaConf
+
+    from sorabench.commands.sweep import report_rows
+    from sorabench.config import CONF_DIR
+
+    def rows(name):
+        return report_rows(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "sweep" / f"{name}.yaml")))
+
+    assert rows("precision_parity") == ["strategy", "trainer.precision"]
+    assert rows("conditioning_ablation") == rows("lr_search") == rows("conditioning_ablation_tuned") == ["strategy"]

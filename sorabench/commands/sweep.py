@@ -16,15 +16,22 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
     return run_sweep(cfg, report=report_study)
 
 
+def report_rows(sweep: dict) -> list[str]:
+    """The report's group_by for a sweep: the strategy, and every other axis of a grid (a search's parameters are
+    continuous: one row per trial would compare nothing)."""
+    keys = ["strategy"]
+    if sweep["mode"] == "grid":
+        keys += [k for k in sweep.get("params") or {} if k not in ("conditioning", "recipe")]
+    return keys
+
+
 def report_study(cfg: DictConfig, sweep: dict) -> None:
     """`sorabench report` on the study just run, on its first objective, into `<outputs>/report/<study>/`: one row per
     grid cell less its seed (strategy, and any other axis of a grid, e.g. trainer.precision), never pooling them;
     the recipe axis of a tuned grid is reported recipe by recipe (report/recipes.py)."""
     from sorabench.commands.report import main as report_main
 
-    keys = ["strategy"]
-    if sweep["mode"] == "grid":
-        keys += [k for k in sweep.get("params") or {} if k not in ("conditioning", "recipe")]
+    keys = report_rows(sweep)
     report_main(compose_config("report", [f"outputs={cfg.outputs}", f"study={cfg.study}", f"name={cfg.study}",
                                           f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
                                           f"group_by=[{','.join(keys)}]",

@@ -104,7 +104,12 @@ def open_study(cfg: DictConfig, sweep: dict, check_cfg: DictConfig, target: int)
         deviation = "; ".join(deviations(sweep, int(check_cfg.trainer.max_steps))) or "none"
         set_parent_tags(cfg, parent_run_id, {"sorabench.protocol_hash": digest, **picks_tags(sweep),
                                              "sorabench.protocol_deviations": deviation})
-        pin_study_precision(study, check_cfg)
+        axis = (sweep.get("params") or {}).get("trainer.precision")
+        if axis:  # every cell names its precision (sweep=precision_parity): nothing to pin for the study
+            console.print(f"precision: a grid axis, each trial computes in its cell's ({', '.join(axis['choices'])})",
+                          markup=False, highlight=False)
+        else:
+            pin_study_precision(study, check_cfg)
     console.print(f"study {cfg.study!r} ({sweep['mode']}, {target} trials) in {cfg.storage}: queued {new} new "
                   f"cells and {reruns} reruns of interrupted trials")
     if views:
