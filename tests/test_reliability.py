@@ -165,7 +165,8 @@ def test_sigkilled_training_resumes_same_mlflow_run_and_step_count(tmp_path):
     # Whatever instant the kill hit, last.ckpt is whole (atomic write) and resumable.
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= killed_at
 
-    proc = run_cli(args)
+    steps = killed_at + 20  # the rerun resumes and finishes soon after the kill (a shorter budget, not a new run)
+    proc = run_cli([*args, f"trainer.max_steps={steps}"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps

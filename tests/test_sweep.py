@@ -151,21 +151,6 @@ def postgres_url():
     return url
 
 
-def test_two_workers_share_one_study_on_postgres(tmp_path):
-    url = postgres_url()
-    study = f"pg-{uuid.uuid4().hex[:8]}"
-    extra = [f"storage={url}", f"study={study}", "report=false", "sweep.seeds=[0,1]"]
-    workers = [start_sweep(tmp_path, extra=extra) for _ in range(2)]
-    outs = [w.communicate(timeout=900)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), [o[-2000:] for o in outs]
-    trials = trials_of(study, url)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 4
-    assert len({t.number for t in complete}) == 4
-    assert len({(t.user_attrs["cell"]["conditioning"], t.user_attrs["cell"]["seed"]) for t in complete}) == 4
-    optuna.delete_study(study_name=study, storage=storage_of(url))
-
-
 def test_search_sweep_reports_to_the_pruner_and_stops_at_n_trials(tmp_path):
     cfg = compose_config("sweep", [f"outputs={tmp_path}", "workers=1", "sweep=lr_search", "n_trials=3", "report=false",
                                    "sweep.pruner.n_startup_trials=1"], command="sweep")
@@ -225,13 +210,13 @@ def test_local_workers_die_with_a_sigkilled_sweep(tmp_path):
 
 
 def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
-    """Two workers on one PostgreSQL study and one outputs=: one SIGKILLed and one interrupted (Ctrl-C) mid-trial,
-    both restarted. Every cell must end COMPLETE exactly once, with one MLflow child each, the parent FINISHED, and
-    a report like that of a sweep never interrupted. One seed (2 cells, one per worker) keeps it to minutes;
-    the 2 x 2 grid's concurrency is the test above."""
+    """Two workers share one PostgreSQL study (a 2 x 2 grid) and one outputs=: one SIGKILLed and one interrupted
+    (Ctrl-C) mid-trial, both restarted. Every cell must end COMPLETE exactly once, with one MLflow child each, the
+    parent FINISHED, and a report like that of a sweep never interrupted (tests/soak.py is the longer version)."""
     url = postgres_url()
     study = f"pg-{uuid.uuid4().hex[:8]}"
-    extra = [f"storage={url}", f"study={study}", "report=false", "heartbeat_interval=1", "grace_period=4"]
+    extra = [f"storage={url}", f"study={study}", "report=false", "heartbeat_interval=1", "grace_period=4",
+             "sweep.seeds=[0,1]"]
     # Trials long enough (seconds, not milliseconds) that both workers are still inside theirs when the signals
     # arrive, however loaded the machine is: with 6-step trials one worker could finish both cells first.
     longer = ["trainer.max_steps=400", "trainer.checkpoint_every_n_steps=50"]
@@ -257,11 +242,11 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     trials = trials_of(study, url)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     cells = [(t.user_attrs["cell"]["conditioning"], t.user_attrs["cell"]["seed"]) for t in complete]
-    assert len(cells) == 2 == len(set(cells))  # every cell exactly once
+    assert len(cells) == 4 == len(set(cells))  # every cell exactly once
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     _, parents, kids = children(f"sqlite:///{tmp_path}/mlflow.db", study)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(kids) == 2 and len({k.info.run_name for k in kids}) == 2  # no duplicate children
+    assert len(kids) == 4 and len({k.info.run_name for k in kids}) == 4  # no duplicate children
     assert all(k.data.tags["optuna.state"] == "COMPLETE" and k.info.status == "FINISHED" for k in kids)
     from sorabench.commands.report import main as report_main
 
@@ -270,5 +255,5 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
     import pandas as pd
 
     summary = pd.read_csv(tmp_path / "report" / study / "summary.csv")
-    assert sorted(summary["strategy"]) == ["adaln_zero", "in_context"] and list(summary["n"]) == [1, 1]
+    assert sorted(summary["strategy"]) == ["adaln_zero", "in_context"] and list(summary["n"]) == [2, 2]
     optuna.delete_study(study_name=study, storage=storage_of(url))
