@@ -161,8 +161,17 @@ def final_metrics(outputs: Path, study: str) -> tuple[dict, list[str]]:
     names = [k.info.run_name for k in kids]
     if len(set(names)) != len(names):
         problems.append(f"duplicate MLflow children: {sorted(names)}")
-    metrics = {k.info.run_name: {m: v for m, v in k.data.metrics.items() if m.startswith("eval/")} for k in kids}
+    metrics = {k.info.run_name: {m: v for m, v in k.data.metrics.items() if not m.startswith("time/")} for k in kids}
     return metrics, problems
+
+
+def weight_difference(a: Path, b: Path) -> float:
+    """max |a - b| over every tensor of two checkpoints' state_dict (the same cell trained twice)."""
+    import torch
+
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    assert sa.keys() == sb.keys(), f"{a} and {b} hold different tensors"
+    return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa)
 
 
 def cells_complete_once(study: str, storage: str) -> list[str]:
@@ -207,7 +216,7 @@ def main(argv=None) -> int:
         problems += [f"{name}: {p}" for p in cells_complete_once(study, a.storage)]
     (calm_m, p1), (storm_m, p2) = final_metrics(a.outputs, studies["calm"]), final_metrics(a.outputs, studies["storm"])
     problems += [f"calm: {p}" for p in p1] + [f"storm: {p}" for p in p2]
-    print("final metrics, storm against calm (max |difference| over eval/* of the cell):")
+    print("final metrics (eval/*, val/loss, train/loss) and weights (last.ckpt), storm against calm, max |difference|:")
     worst = 0.0
     for cell in sorted(calm_m):  # an MLflow child is named after its cell, e.g. in_context-seed1
         if cell not in storm_m:
@@ -217,9 +226,12 @@ def main(argv=None) -> int:
         diffs = [abs(a_[k] - b_[k]) for k in a_ if k in b_ and math.isfinite(a_[k]) and math.isfinite(b_[k])]
         diff = max(diffs, default=float("nan"))
         worst = max(worst, diff) if math.isfinite(diff) else worst
-        print(f"  {cell:24s} {len(diffs):3d} metrics  max |diff| {diff:.3g}  eval/fvd {a_.get('eval/fvd', float('nan')):.4f}"
-              f" vs {b_.get('eval/fvd', float('nan')):.4f}")
-    print(f"worst |diff| over every cell and metric: {worst:.3g}")
+        weights = weight_difference(*(a.outputs / "train" / studies[k] / cell / "checkpoints" / "last.ckpt"
+                                      for k in ("calm", "storm")))
+        worst = max(worst, weights)
+        print(f"  {cell:24s} {len(diffs):3d} metrics: {diff:.3g}   weights: {weights:.3g}   val/loss "
+              f"{a_.get('val/loss', float('nan')):.6f} vs {b_.get('val/loss', float('nan')):.6f}")
+    print(f"worst |difference| over every cell, metric and weight: {worst:.3g}")
     for study in studies.values():
         import optuna
 
