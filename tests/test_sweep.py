@@ -219,7 +219,7 @@ def test_two_workers_survive_sigkill_and_ctrl_c_on_postgres(tmp_path):
              "sweep.seeds=[0,1]"]
     # Trials long enough (seconds, not milliseconds) that both workers are still inside theirs when the signals
     # arrive, however loaded the machine is: with 6-step trials one worker could finish both cells first.
-    longer = ["trainer.max_steps=400", "trainer.checkpoint_every_n_steps=50"]
+    longer = ["trainer.max_steps=150", "trainer.checkpoint_every_n_steps=25"]
     workers = [start_sweep(tmp_path, extra=extra, trial_overrides=longer) for _ in range(2)]
 
     def running_hosts():
