@@ -46,3 +46,13 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [f"outputs={tmp_path / 'outputs'}", *TINY]
+
+
+def replace_training(monkeypatch, fake):
+    """A sweep with `fake` standing in for `training.dit_run.train` and no shared assets to make: the scheduling
+    logic alone, in seconds (tests/test_sweep_scale.py, tests/test_tuning.py)."""
+    import sorabench.training.dit_run as dit_run
+
+    monkeypatch.setattr(dit_run, "train", fake)
+    monkeypatch.setattr(dit_run, "prepare_shared_assets", lambda cfg, caches=False: None)
+    return fake

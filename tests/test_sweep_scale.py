@@ -51,6 +51,7 @@ from optuna.trial import TrialState  # noqa: E402
 import sorabench.training.dit_run as dit_run  # noqa: E402
 from sorabench.config import ConfigError, compose_config  # noqa: E402
 from sorabench.sweep.run import run_sweep  # noqa: E402
+from tests.conftest import replace_training  # noqa: E402
 
 
 def sweep_cfg(tmp_path, *overrides, mlflow_on=False):
@@ -90,10 +91,7 @@ class FakeTrain:
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    fake = FakeTrain()
-    monkeypatch.setattr(dit_run, "train", fake)
-    monkeypatch.setattr(dit_run, "prepare_shared_assets", lambda cfg, caches=False: None)
-    return fake
+    return replace_training(monkeypatch, FakeTrain())
 
 
 def cells(cfg):

@@ -8,10 +8,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import sorabench.training.dit_run as dit_run
 from sorabench.config import ConfigError, compose_config, to_container
 from sorabench.sweep.run import run_sweep
 from sorabench.sweep.tuning import draw_recipes, select_recipes
+from tests.conftest import replace_training
 
 TWO = "sweep.params.conditioning.choices=[adaln_zero,in_context]"
 
@@ -36,10 +36,7 @@ class FakeTrain:
 
 @pytest.fixture
 def fake(monkeypatch):
-    f = FakeTrain()
-    monkeypatch.setattr(dit_run, "train", f)
-    monkeypatch.setattr(dit_run, "prepare_shared_assets", lambda cfg, caches=False: None)
-    return f
+    return replace_training(monkeypatch, FakeTrain())
 
 
 def sweep_cfg(tmp_path, sweep, *overrides):
