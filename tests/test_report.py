@@ -621,7 +621,7 @@ def test_binding_tables_hold_the_strategies_the_instrument_and_the_swap_errors()
     assert attributes.binding_tables(runs.drop(columns="eval/bind_all"))[0].empty
 
 
-def test_a_tuned_study_is_ranked_per_recipe_side_by_side(tmp_path):
+def test_a_tuned_study_is_ranked_per_recipe_side_by_side(tmp_path, capsys):
     # shared: a ahead of b; tuned (each at its own recipe and guidance scale): b ahead of a. Never pooled.
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -658,3 +658,5 @@ def test_a_tuned_study_is_ranked_per_recipe_side_by_side(tmp_path):
     assert "`shared`: ranking a > b" in md and "`tuned`: ranking b > a" in md
     per_seed = (out / "tuned" / "report.md").read_text().split("## Per seed")[1]
     assert "| b | eval/acc_all | 0.8 | 0.82 | 0.84 |" in per_seed  # every run's value, seed by seed
+    printed = capsys.readouterr().out
+    assert "wrote report.md, summary.csv" in printed and f"to {out / 'tuned'}" in printed  # each recipe's files

@@ -93,7 +93,7 @@ def report_by_recipe(cfg: DictConfig, client, study: Study, title: str, uri: str
                           metrics=False)
     for recipe, a in analyses.items():
         print(f"\nrecipe {recipe}:")
-        print_summary(a, study.row, out_dir / recipe, [])
+        print_summary(a, study.row, out_dir / recipe, files[recipe])
     print("\n".join(section))
     return 0
 
