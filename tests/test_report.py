@@ -660,3 +660,16 @@ def test_a_tuned_study_is_ranked_per_recipe_side_by_side(tmp_path, capsys):
     assert "| b | eval/acc_all | 0.8 | 0.82 | 0.84 |" in per_seed  # every run's value, seed by seed
     printed = capsys.readouterr().out
     assert "wrote report.md, summary.csv" in printed and f"to {out / 'tuned'}" in printed  # each recipe's files
+
+
+def test_the_declared_tested_metrics_are_the_holm_family():
+    """`protocol.tested` is pre-registered: every metric it names is tested pairwise (one Holm family), not only the
+    headline; a study that declared nothing gets the default set."""
+    from sorabench.report.analysis import analyse
+
+    runs = pd.DataFrame({"strategy": ["a"] * 3 + ["b"] * 3, "eval/acc_all": [0.5, 0.6, 0.55, 0.2, 0.25, 0.3],
+                         "eval/fvd": [50.0, 55.0, 52.0, 90.0, 95.0, 99.0], "seed": [0, 1, 2] * 2})
+    declared = analyse(runs, ["eval/acc_all", "eval/fvd"], "eval/acc_all", "auto",
+                       declared={"tested": ["eval/acc_all", "eval/fvd"]})
+    assert set(declared.tests) == {"eval/acc_all", "eval/fvd"}
+    assert set(analyse(runs, ["eval/acc_all", "eval/fvd"], "eval/acc_all", "auto").tests) == {"eval/acc_all"}

@@ -62,7 +62,8 @@ def analyse(complete: pd.DataFrame, all_metrics: list[str], metric: str, directi
     direction = metric_direction(metric, direction, complete)  # with the flags the runs logged
     summary = rank_strategies(summarise(complete, metrics, by=by), metric, direction)
     order = list(summary.index)
-    tested = [m for m in dict.fromkeys([metric, *TESTED_METRICS]) if m in metrics]
+    # The pre-registered tests (`protocol.tested`) when the study declared them, else the default set: one Holm family.
+    tested = [m for m in dict.fromkeys([metric, *((declared or {}).get("tested") or TESTED_METRICS)]) if m in metrics]
     tests = holm_across({m: pairwise_tests(complete, m, by=by, order=order) for m in tested})
     margins = {**parse_margins((declared or {}).get("margins"), "protocol.margins"), **parse_margins(margins)}
     equivalence = pd.concat([equivalence_tests(complete, m, float(margins[m]), by=by, order=order) for m in tested
