@@ -26,6 +26,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from tests.conftest import TINY
+from tests.test_lease import wait_for
 from tests.test_sweep import children, storage_of, trials_of
 
 GRID = ["sweep.params.conditioning.choices=[in_context,cross_attention,adaln_zero]", "sweep.seeds=[0,1]"]
@@ -71,19 +72,6 @@ def worker(args: list[str]) -> int:
     return main(args)
 
 
-def wait_for(what, message: str, timeout: float = 600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            found = what()
-            if found:
-                return found
-        except Exception:  # the study not created yet
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"soak: timed out waiting for {message}")
-
-
 def running(study: str, storage: str, proc: subprocess.Popen | None = None):
     return [t for t in trials_of(study, storage) if t.state == TrialState.RUNNING
             and (proc is None or t.user_attrs.get("host", "").endswith(f":{proc.pid}"))]
@@ -112,17 +100,19 @@ def storm(outputs: Path, study: str, storage: str, steps: int) -> list[str]:
 
     # 1. Worker 2 SIGSTOPped mid-trial (after a checkpoint), continued once its cell was taken from it.
     stalled = wait_for(lambda: [t for t in running(study, storage, w2)
-                                if (run_dir(outputs, t) / "checkpoints" / "last.ckpt").is_file()], "w2 mid-trial")[0]
+                                if (run_dir(outputs, t) / "checkpoints" / "last.ckpt").is_file()], 600,
+                       "w2 mid-trial")[0]
     os.kill(w2.pid, signal.SIGSTOP)
     events.append(f"SIGSTOP worker 2 in trial {stalled.number} ({stalled.user_attrs['run_name']})")
     wait_for(lambda: [t for t in running(study, storage) if t.user_attrs.get("cell") == stalled.user_attrs["cell"]
-                      and t.number != stalled.number], "the stalled cell to be taken over", 900)
+                      and t.number != stalled.number], 900, "the stalled cell to be taken over")
     os.kill(w2.pid, signal.SIGCONT)
     events.append(f"SIGCONT worker 2 after trial {stalled.number}'s cell was retried by another")
 
     # 2. Worker 1 SIGKILLed mid-trial, restarted.
     killed = wait_for(lambda: [t for t in running(study, storage, w1)
-                               if (run_dir(outputs, t) / "checkpoints" / "last.ckpt").is_file()], "w1 mid-trial")[0]
+                               if (run_dir(outputs, t) / "checkpoints" / "last.ckpt").is_file()], 600,
+                      "w1 mid-trial")[0]
     os.kill(w1.pid, signal.SIGKILL)
     w1.wait()
     events.append(f"SIGKILL worker 1 in trial {killed.number} ({killed.user_attrs['run_name']}); restarted")
@@ -137,7 +127,7 @@ def storm(outputs: Path, study: str, storage: str, steps: int) -> list[str]:
                     return w, t
         return None
 
-    w, t = wait_for(evaluating, "a trial in its final evaluation", 900)
+    w, t = wait_for(evaluating, 900, "a trial in its final evaluation")
     w.send_signal(signal.SIGINT)
     code = w.wait(timeout=300)
     events.append(f"Ctrl-C worker {1 if w is w1 else 2} during trial {t.number}'s evaluation "

@@ -17,13 +17,15 @@ STUDY = "conditioning_ablation"
 
 
 def wait_for(what, timeout, message, procs=()):
+    """What `what()` returns once it is truthy (polled; an exception counts as not yet)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for p in procs:
             assert p.poll() is None, f"a worker exited while waiting for {message}: {p.communicate()[0][-3000:]}"
         try:
-            if what():
-                return
+            found = what()
+            if found:
+                return found
         except Exception:  # the study not created yet
             pass
         time.sleep(0.3)
