@@ -130,3 +130,50 @@ def test_a_weak_evaluator_stops_the_run_with_one_line(tmp_path):
     check_instrument(strong, 0.95, "x")  # "all" is not an attribute: not held to the floor
     with pytest.raises(ConfigError, match="shape 0.970"):
         check_instrument(strong, 0.98, "x")
+
+
+def test_a_feature_evaluator_is_a_second_network_trained_apart(tmp_path):
+    """`metrics.feature_evaluator`: FVD/FID/KID read a second evaluator (another seed, wider data), not the accuracy
+    instrument; it trains once, reports its accuracy on the run's own data too, and leaves the instrument's cache
+    where it was. A typo'd setting or data key fails in one line before anything trains."""
+    from sorabench.config import ConfigError, compose_config, config_key, to_container
+    from sorabench.data.module import clip_fields
+    from sorabench.files import state_dict_sha256
+    from sorabench.metrics.evaluate import check_metrics_config, feature_evaluator
+    from sorabench.metrics.features import build_feature_networks
+    from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
+    from sorabench.training.runs import finished_result
+    from tests.conftest import TINY
+
+    cfg = compose_config("train", [f"outputs={tmp_path}", *TINY, "metrics.evaluator.max_steps=2",
+                                   "mlflow.enabled=false"], command="train")
+    instrument = ensure_evaluator(cfg)
+    # the key without the empty `data: {}`: the instrument's cache of earlier versions is found, not retrained
+    old_key = {k: v for k, v in to_container(cfg.metrics.evaluator).items() if k != "data"}
+    assert f"auto-{config_key(clip_fields(to_container(cfg.data)), old_key)}" in str(instrument)
+    assert feature_evaluator(cfg, "the instrument") == "the instrument"  # unset: FVD reads the instrument
+
+    # as a user writes it on the command line (a null block replaced by a dict)
+    cfg = compose_config("train", [f"outputs={tmp_path}", *TINY, "metrics.evaluator.max_steps=2", "mlflow.enabled=false",
+                                   "metrics.feature_evaluator={seed: 1, data: {position_range: 1.0}}"], command="train")
+    check_metrics_config(cfg)
+    features = ensure_evaluator(cfg, "feature_evaluator")
+    assert features != instrument and ensure_evaluator(cfg) == instrument
+    result = next(finished_result(p) for p in features.parents if finished_result(p))
+    assert set(result["accuracy"]) == {"test", "target"}  # its own (wider) test clips and the run's
+    net = feature_evaluator(cfg, load_evaluator(instrument).net)
+    assert state_dict_sha256(net) != state_dict_sha256(load_evaluator(instrument).net)
+    video_net, frame_net = build_feature_networks(to_container(cfg.metrics), net)
+    assert video_net.id.startswith("feature_evaluator:clip") and frame_net.id.startswith("feature_evaluator:frame")
+    assert video_net.sha256 == state_dict_sha256(load_evaluator(features).net)
+
+    for key, value, named in (("feature_evaluator", {"seedd": 1}, "metrics.feature_evaluator"),
+                              ("feature_evaluator", {"data": {"position_rang": 1.0}}, "metrics.evaluator.data")):
+        cfg.metrics[key] = value
+        with pytest.raises(ConfigError, match=named) as err:
+            check_metrics_config(cfg)
+        assert "\n" not in str(err.value)
+    cfg = compose_config("train", [f"outputs={tmp_path}", *TINY, "metrics.evaluator.data={position_rang: 1.0}"],
+                         command="train")
+    with pytest.raises(ConfigError, match=r"metrics.evaluator.data=.*position_rang"):
+        check_metrics_config(cfg)

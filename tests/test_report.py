@@ -595,7 +595,7 @@ def test_report_prints_the_equivalence_test_at_declared_margins(store, capsys):
     assert not bool(eq.loc["eval/fvd", "equivalent"])  # 40 apart: not within ±1
     assert "evaluation protocol: `none logged`" in md
     assert "Equivalence within the declared ±1 on eval/fvd is not shown" in md
-    with pytest.raises(ConfigError, match="margins.eval/fvd='x': a margin must be a number"):
+    with pytest.raises(ConfigError, match="margins.eval/fvd='x': must be a number"):
         main(report_cfg(outputs, f"study={STUDY}", "name=eq2", 'margins=["eval/fvd:x"]'))
 
 
@@ -673,3 +673,43 @@ def test_the_declared_tested_metrics_are_the_holm_family():
                        declared={"tested": ["eval/acc_all", "eval/fvd"]})
     assert set(declared.tests) == {"eval/acc_all", "eval/fvd"}
     assert set(analyse(runs, ["eval/acc_all", "eval/fvd"], "eval/acc_all", "auto").tests) == {"eval/acc_all"}
+
+
+def test_steps_to_threshold_per_seed_with_censoring_and_resumed_steps():
+    """The first evaluated step at or beyond the level, in the metric's better direction; a step logged twice by a
+    resumed run counts its latest value; a run that never reached the level is censored at its last step."""
+    from sorabench.report.thresholds import steps_to_threshold, threshold_section
+
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "seed": [0, 1, 0], "strategy": ["x", "x", "y"]})
+    acc = pd.DataFrame([("x", "a", 100, 1, 0.5), ("x", "a", 200, 2, 0.95), ("x", "a", 300, 3, 0.8),
+                        ("x", "b", 100, 4, 0.95), ("x", "b", 100, 5, 0.2),  # resumed: step 100 re-logged at 0.2
+                        ("x", "b", 200, 6, 0.91), ("y", "c", 100, 7, 0.3), ("y", "c", 300, 8, 0.6)],
+                       columns=["strategy", "run_id", "step", "timestamp", "value"])
+    fvd = acc.assign(value=[300, 90, 80, 50, 500, 120, 400, 99])
+    table = steps_to_threshold({"eval/acc_direction": acc, "eval/fvd": fvd}, runs,
+                               {"eval/acc_direction": 0.9, "eval/fvd": 100})
+    step = {(r.run_id, r.metric): r.step for r in table.itertuples()}
+    assert step[("a", "eval/acc_direction")] == 200 and step[("b", "eval/acc_direction")] == 200
+    assert np.isnan(step[("c", "eval/acc_direction")])
+    assert set(table[table.run_id == "c"].last_step) == {300}
+    assert step[("a", "eval/fvd")] == 200 and np.isnan(step[("b", "eval/fvd")]) and step[("c", "eval/fvd")] == 300
+    md = "\n".join(threshold_section(table, ["x", "y"]))
+    assert "| x | eval/acc_direction >= 0.9 | 200 | 200 | 2/2 | 200 |" in md
+    assert "| y | eval/acc_direction >= 0.9 | not by 300 | - | 0/1 | - |" in md
+    assert "| x | eval/fvd <= 100 | 200 | not by 200 | 1/2 | - |" in md
+
+
+def test_report_prints_steps_to_declared_thresholds(store):
+    outputs, _, _ = store
+    levels = 'thresholds=["eval/fvd:200","eval/acc_all:0.32"]'
+    assert main(report_cfg(outputs, f"study={STUDY}", "name=thr", levels)) == 0
+    md = (outputs / "report" / "thr" / "report.md").read_text()
+    assert "## Steps to threshold" in md
+    assert "| cross_attention | eval/fvd <= 200 | 10 | 20 | 20 | 3/3 | 20 |" in md
+    assert "| in_context | eval/fvd <= 200 | 20 | 20 | 20 | 3/3 | 20 |" in md
+    assert "| cross_attention | eval/acc_all >= 0.32 | not by 20 | 20 | 20 | 2/3 | 20 |" in md
+    assert "| in_context | eval/acc_all >= 0.32 | not by 20 | not by 20 | not by 20 | 0/3 | - |" in md
+    steps = pd.read_csv(outputs / "report" / "thr" / "thresholds.csv")
+    assert len(steps) == 12 and set(steps.columns) >= {"strategy", "seed", "metric", "level", "step", "last_step"}
+    with pytest.raises(ConfigError, match="thresholds.eval/fvd='x': must be a number"):
+        main(report_cfg(outputs, f"study={STUDY}", "name=thr2", 'thresholds=["eval/fvd:x"]'))

@@ -19,6 +19,7 @@ from sorabench.metrics.evaluate import (
     clip_offset,
     evaluate_module,
     evaluate_videos,
+    feature_evaluator,
     protocol_fields,
 )
 from sorabench.metrics.features import build_feature_networks
@@ -89,7 +90,7 @@ def evaluate_folders(cfg: DictConfig) -> int:
     real_files, fake_files = video_files(cfg.real_root), video_files(cfg.fake_root)
     check_lengths(real_files + fake_files, m)
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if m.features == "evaluator" else None
-    nets = build_feature_networks(to_container(m), evaluator)
+    nets = build_feature_networks(to_container(m), feature_evaluator(cfg, evaluator))
     size = int(m.resolution)
     with open_dict(m):
         m.n_real, m.n_samples = len(real_files), len(fake_files)

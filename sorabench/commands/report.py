@@ -34,6 +34,7 @@ from sorabench.report.runs import (
     summary_metrics, sweep_objectives,
 )
 from sorabench.report.stats import PAIRWISE_COLUMNS, metric_direction
+from sorabench.report.thresholds import parse_thresholds, steps_to_threshold
 
 
 def main(cfg: DictConfig) -> int:
@@ -64,11 +65,21 @@ def report_one(cfg: DictConfig, client, study: Study, title: str, uri: str, out_
                 declared=declared_protocol(study.parents), objectives=sweep_objectives(study.parents),
                 excluded=len(study.excluded))
     out_dir.mkdir(parents=True, exist_ok=True)
-    histories = fetch_histories(client, study.complete, curve_metrics(a.metrics), by=study.by)
-    figures = draw_figures(histories, a, out_dir, by=study.by)
+    # steps to threshold: the report's `thresholds=` over the levels the sweep declared (protocol.thresholds)
+    levels = (parse_thresholds(cfg.get("thresholds"))
+              or parse_thresholds(declared_protocol(study.parents).get("thresholds")))
+    wanted = [*curve_metrics(a.metrics), *(m for m in levels if m in a.metrics)]
+    histories = fetch_histories(client, study.complete, list(dict.fromkeys(wanted)), by=study.by)
+    steps = steps_to_threshold(histories, a.runs, levels, by=study.by)
+    figures = draw_figures({m: h for m, h in histories.items() if m in curve_metrics(a.metrics)}, a, out_dir,
+                           by=study.by)
     md = render_markdown(title, header_lines(study, uri, str(cfg.metric), a.direction), a, study.excluded, figures,
-                         row=study.row)
-    return a, write_files(out_dir, md, a, study, figures)
+                         row=study.row, steps=steps)
+    files = write_files(out_dir, md, a, study, figures)
+    if len(steps):
+        steps.to_csv(out_dir / "thresholds.csv", index=False)
+        files.append("thresholds.csv")
+    return a, files
 
 
 def report_by_recipe(cfg: DictConfig, client, study: Study, title: str, uri: str, out_dir: Path) -> int:

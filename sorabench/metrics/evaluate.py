@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from sorabench.metrics.memorisation import Memorisation  # noqa: F401 - register
 from sorabench.metrics.registry import METRICS, EvalSetup, build_metric, directions
 from sorabench.precision import autocast, resolve
 from sorabench.tracking import set_run_tags
-from sorabench.training.evaluator_module import ensure_evaluator, load_evaluator
+from sorabench.training.evaluator_module import ensure_evaluator, evaluator_settings, load_evaluator, training_data
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -63,6 +64,10 @@ def check_metrics_config(cfg: DictConfig, data_clips: bool = True) -> None:
                     f"(sorabench.metrics.registry; registered: {sorted(METRICS)})")
     if m.features == "evaluator":
         check_evaluator_data(cfg, data_clips)
+    blocks = (["evaluator"] if m.get("evaluator") is not None else []) + (
+        ["feature_evaluator"] if m.features == "evaluator" and m.get("feature_evaluator") else [])
+    for block in blocks if data_clips else ():  # a typo'd setting or data key: one line, before anything trains
+        training_data(to_container(cfg.data), evaluator_settings(cfg, block))
     floor = m.get("evaluator_min_accuracy")
     require(floor is None or (isinstance(floor, (int, float)) and 0 <= floor <= 1), "metrics.evaluator_min_accuracy",
             floor, "must be null or a number in [0, 1]")
@@ -81,6 +86,15 @@ def uses_evaluator(cfg: DictConfig) -> bool:
     """Whether an evaluation reads clips with the evaluator: as its feature network (`metrics=evaluator`), or for
     the alignment and binding scores of a labelled dataset (`attribute_schema`)."""
     return cfg.metrics.features == "evaluator" or bool(attribute_schema(to_container(cfg.data)))
+
+
+def feature_evaluator(cfg: DictConfig, evaluator):
+    """The network behind FVD/FID/KID with `metrics=evaluator`: the accuracy instrument itself, or with
+    `metrics.feature_evaluator` a second evaluator trained apart from it (another seed, wider data), so that FVD and
+    the accuracies are not one instrument read twice."""
+    if cfg.metrics.features != "evaluator" or not cfg.metrics.get("feature_evaluator"):
+        return evaluator
+    return load_evaluator(ensure_evaluator(cfg, "feature_evaluator")).net
 
 
 def check_evaluator_data(cfg: DictConfig, data_clips: bool) -> None:
@@ -409,7 +423,7 @@ def evaluate_module(pipeline, cfg: DictConfig, logger=None, step: int = 0) -> di
     data_cfg = to_container(cfg.data)
     evaluator = load_evaluator(ensure_evaluator(cfg)).net if uses_evaluator(cfg) else None
     labelled = bool(attribute_schema(data_cfg))  # what the evaluator's heads read; else its features only
-    nets = build_feature_networks(to_container(m), evaluator)
+    nets = build_feature_networks(to_container(m), feature_evaluator(cfg, evaluator))
     dataset = build_dataset(data_cfg, m.real_split, train=False)
     n = int(m.n_samples)
     require(len(dataset) >= max(m.n_real, n), "metrics.n_real/n_samples", (m.n_real, n),
@@ -456,6 +470,8 @@ def protocol_tags(m: DictConfig, nets, data_cfg: dict, precision: str, ranked: d
                      "eval.protocol.fid_net": nets[1].id if nets[1] is not None else "none",
                      "eval.protocol.fid_sha256": nets[1].sha256 if nets[1] is not None else ""})
     # the label schema, in the dataset's order: the report's attribute tables follow it
+    if m.get("feature_evaluator") and m.features == "evaluator":  # the settings behind feature_sha256, readable
+        protocol["eval.protocol.feature_evaluator"] = json.dumps(to_container(m.feature_evaluator), sort_keys=True)
     protocol["eval.attributes"] = ",".join(attribute_schema(data_cfg))
     # what the report ranks each metric by (torchmetrics' own flag), so it never guesses from a name
     protocol.update({f"eval.higher_is_better.{key}": str(up) for key, up in ranked.items()})

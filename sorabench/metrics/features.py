@@ -76,7 +76,9 @@ class EvaluatorFeatures(FeatureNetwork):
         """The trained evaluator's penultimate features: of whole clips (FVD) and of single frames (FID/KID)."""
         if evaluator is None:
             raise ValueError("metrics.features=evaluator needs a trained evaluator (train one first)")
-        return (cls(evaluator) if videos else None), cls(evaluator, per_frame=True)
+        # A second evaluator trained apart from the instrument (`metrics.feature_evaluator`) says so in the id.
+        name = "feature_evaluator" if cfg.get("feature_evaluator") else "evaluator"
+        return (cls(evaluator, name=name) if videos else None), cls(evaluator, per_frame=True, name=name)
 
     """Penultimate features of the evaluator: per clip (FVD), or per frame (FID, KID) with `per_frame=True`.
 
@@ -84,13 +86,13 @@ class EvaluatorFeatures(FeatureNetwork):
     place (its parameters stop requiring gradients).
     """
 
-    def __init__(self, classifier: VideoAttributeClassifier, per_frame: bool = False):
+    def __init__(self, classifier: VideoAttributeClassifier, per_frame: bool = False, name: str = "evaluator"):
         super().__init__()
         self.classifier = classifier.requires_grad_(False).eval()
         self.per_frame = per_frame
         self.num_features = classifier.feature_dim
         self.sha256 = state_dict_sha256(classifier)
-        self.id = f"evaluator:{'frame' if per_frame else 'clip'}:{self.num_features}d"
+        self.id = f"{name}:{'frame' if per_frame else 'clip'}:{self.num_features}d"
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         if self.per_frame:

@@ -14,16 +14,19 @@ from sorabench.report.guidance import GUIDANCE_KEY, GUIDANCE_PLOTS
 from sorabench.report.plots import Figures
 from sorabench.report.runs import Study, declared_protocol
 from sorabench.report.stats import ALPHA, finite, holm_family
+from sorabench.report.thresholds import threshold_section
 
 
 def render_markdown(title: str, header: list[str], a: Analysis, excluded: pd.DataFrame, figures: Figures,
-                    row: str = "strategy") -> str:
-    """The whole report: `header` lines under the title, then every section; `row` names a report row in words."""
+                    row: str = "strategy", steps: pd.DataFrame | None = None) -> str:
+    """The whole report: `header` lines under the title, then every section; `row` names a report row in words;
+    `steps`: each run's steps to the declared thresholds (`sorabench.report.thresholds`)."""
     md = [f"# {title}", "", *[f"- {h}" for h in header], ""]
     md += ranked_section(a.summary, a.metric, a.direction, row)
     md += metrics_section(a.summary, a.metrics)
     md += pairwise_section(a.tests)
     md += per_seed_section(a.runs, [*a.tests] or [a.metric], a.order, a.by)
+    md += threshold_section(steps if steps is not None else pd.DataFrame(), a.order, a.by)
     md += composition_section(a.composition, a.by)
     md += binding_section(*a.binding, by=a.by)
     md += references_section(a.references)
@@ -82,7 +85,8 @@ def preregistered_line(parents: pd.DataFrame) -> str:
     declared = declared_protocol(parents)
     if not declared and frozen is None:
         return "pre-registered protocol: none declared (no `protocol:` in the sweep YAML)"
-    parts = [f"{k} {declared[k]}" for k in ("budget", "seeds", "tested", "alpha", "margins") if k in declared]
+    fields = ("budget", "seeds", "tested", "alpha", "margins", "thresholds")
+    parts = [f"{k} {declared[k]}" for k in fields if k in declared]
     line = (f"pre-registered protocol `{frozen or 'not frozen'}` (fixed overrides, protocol, objectives and recipes, "
             f"frozen when the study started): " + ("; ".join(parts) or "no fields declared"))
     tag = "tags.sorabench.protocol_deviations"

@@ -162,7 +162,7 @@ def declared_protocol(parents: pd.DataFrame) -> dict:
     return dict(sweep_config(parents).get("protocol") or {})
 
 
-def parse_margins(value, key: str = "margins") -> dict[str, float]:
+def parse_margins(value, key: str = "margins", positive: bool = True) -> dict[str, float]:
     """Equivalence margins as {metric: margin > 0}: a mapping (YAML), or a list of "metric:margin" strings (what a
     command line can pass: Hydra's dict keys cannot hold the / of a metric name)."""
     if value is None:
@@ -179,8 +179,8 @@ def parse_margins(value, key: str = "margins") -> dict[str, float]:
         try:
             out[str(metric)] = float(margin)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}.{metric}={margin!r}: a margin must be a number") from None
-        require(out[str(metric)] > 0, f"{key}.{metric}", margin, "a margin must be > 0")
+            raise ConfigError(f"{key}.{metric}={margin!r}: must be a number") from None
+        require(not positive or out[str(metric)] > 0, f"{key}.{metric}", margin, "a margin must be > 0")
     return out
 
 

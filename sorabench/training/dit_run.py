@@ -264,3 +264,5 @@ def prepare_shared_assets(cfg: DictConfig, caches: bool = False):
 
     if evaluating(cfg) and uses_evaluator(cfg):
         ensure_evaluator(cfg)
+    if evaluating(cfg) and cfg.metrics.features == "evaluator" and cfg.metrics.get("feature_evaluator"):
+        ensure_evaluator(cfg, "feature_evaluator")

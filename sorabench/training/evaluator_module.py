@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +32,9 @@ from sorabench.training.runs import (
 from sorabench.training.trainer import build_trainer, fit, last_checkpoint, lr_schedule, pin_precision
 
 console = Console(soft_wrap=True)
-EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size")
+# Keys of a `metrics.evaluator` block that set up its training run, not the module: budget, batch, the data it trains
+# on (`data`: overrides of the run's data, e.g. {position_range: 1.0} for wider starts than the DiT sees) and `seed`.
+EVALUATOR_TRAINING_KEYS = ("max_steps", "batch_size", "data", "seed")
 
 
 class EvaluatorModule(L.LightningModule):
@@ -103,7 +105,8 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     if finished_result(run_dir):
         return Path(finished_result(run_dir)["ckpt"])
-    data = {**to_container(cfg.data), "batch_size": cfg.metrics.evaluator.batch_size}
+    target = to_container(cfg.data)
+    data = {**training_data(target, cfg.metrics.evaluator), "batch_size": cfg.metrics.evaluator.batch_size}
     attributes = attribute_schema(data)  # one head per attribute of the dataset's label schema
     require(bool(attributes), "data", cfg.data.name, "the evaluator trains on attribute labels: data=shapes")
     L.seed_everything(cfg.seed, workers=True)
@@ -115,16 +118,30 @@ def run_evaluator_training(cfg: DictConfig) -> Path:
     # The evaluator is the measuring instrument, not the model under test: it also trains on the held-out
     # compositions, so it reads unseen prompts' clips as well as seen ones.
     fit(trainer, module, VideoDataModule(data, train_splits=("train", "unseen"), build=evaluator_dataset), run_dir)
-    accuracy = {split: held_out_accuracy(module, data, split) for split in ("test",)}
-    table = Table("attribute", "held-out test clips (seen + unseen compositions)", title="evaluator accuracy")
+    accuracy = {"test": held_out_accuracy(module, data, "test")}
+    columns = ["held-out test clips (seen + unseen compositions)"]
+    if clip_fields(data) != clip_fields(target):  # trained on other (wider) data: also read the run's own data
+        accuracy["target"] = held_out_accuracy(module, target, "test")
+        columns = ["test clips of the data it trained on", "test clips of the run's data (what it will read)"]
+    table = Table("attribute", *columns, title="evaluator accuracy")
     for name in [*module.attribute_names, "all"]:
-        table.add_row(name, f"{accuracy['test'][name]:.3f}")
+        table.add_row(name, *(f"{acc[name]:.3f}" for acc in accuracy.values()))
     console.print(table)
     if logger is not None:
         logger.log_metrics({f"heldout/{split}/acc_{k}": v for split, acc in accuracy.items() for k, v in acc.items()})
     ckpt = last_checkpoint(run_dir)
     write_result(run_dir, {"ckpt": str(ckpt), "accuracy": accuracy, "train_seconds": time.time() - t0})
     return ckpt
+
+
+def training_data(data_cfg: dict, evaluator) -> dict:
+    """The data an evaluator trains on: the run's, with the block's `data` overrides on top (keys of `data`).
+    A typo'd key is an error here: it would otherwise train on the run's own data without a word."""
+    overrides = evaluator.get("data") or {}
+    overrides = to_container(overrides) if OmegaConf.is_config(overrides) else dict(overrides)
+    unknown = sorted(set(overrides) - set(data_cfg))
+    require(not unknown, "metrics.evaluator.data", overrides, f"{unknown} are not keys of data={data_cfg.get('name')}")
+    return {**data_cfg, **overrides}
 
 
 def evaluator_dataset(data_cfg: dict, split: str) -> torch.utils.data.Dataset:
@@ -153,22 +170,45 @@ def held_out_accuracy(module, data_cfg: dict, split: str) -> dict[str, float]:
     return {**{n: float(c[:, i].float().mean()) for i, n in enumerate(names)}, "all": float(c.all(1).float().mean())}
 
 
-def ensure_evaluator(cfg: DictConfig) -> Path:
-    """The evaluator checkpoint: `metrics.evaluator_checkpoint`, or one trained once for this data config."""
-    if cfg.metrics.get("evaluator_checkpoint"):
+def evaluator_settings(cfg: DictConfig, block: str = "evaluator") -> dict:
+    """The settings of `block`: `evaluator` (the accuracy instrument), or `feature_evaluator` (the network behind
+    FVD/FID/KID when it must be independent of the instrument: the evaluator's settings with the block's on top,
+    e.g. {seed: 1, data: {position_range: 1.0}})."""
+    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
+    evaluator = to_container(cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator)
+    if block == "evaluator":
+        return evaluator
+    extra = cfg.metrics.get(block)
+    require(extra is not None and OmegaConf.is_dict(extra), f"metrics.{block}", extra,
+            "must be a block of evaluator settings, e.g. {seed: 1, data: {position_range: 1.0}}")
+    unknown = sorted(set(extra) - set(evaluator) - {"data", "seed"})
+    require(not unknown, f"metrics.{block}", to_container(extra), f"{unknown} are not evaluator settings")
+    return {**evaluator, **to_container(extra)}
+
+
+def ensure_evaluator(cfg: DictConfig, block: str = "evaluator") -> Path:
+    """The checkpoint of `block` (`evaluator_settings`): `metrics.evaluator_checkpoint` for the instrument, or one
+    trained once per data config and settings (and cached under a key of both)."""
+    if block == "evaluator" and cfg.metrics.get("evaluator_checkpoint"):
         path = Path(cfg.metrics.evaluator_checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"metrics.evaluator_checkpoint={str(path)!r} does not exist")
         return path
-    # metrics=torchscript has no `evaluator` block: alignment on `shapes` still uses the default evaluator.
-    evaluator = cfg.metrics.get("evaluator") or compose_config("train_evaluator", []).metrics.evaluator
+    evaluator = evaluator_settings(cfg, block)
     data = to_container(cfg.data)
-    settings = {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator.max_steps}
+    training_data(data, evaluator)  # a bad `data` override fails now, in one line
+    settings = {"metrics.evaluator": evaluator, "trainer.max_steps": evaluator["max_steps"]}
+    if evaluator.get("seed") is not None:
+        settings["seed"] = int(evaluator["seed"])
     # With several objects per clip (the binding task) the evaluator trains on every object's colour layer of the
-    # task's own clips (`evaluator_dataset`): one evaluator per data config, as for one object.
-    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), to_container(evaluator)), settings)
-    ckpt = train_shared_asset(sub, run_evaluator_training, "evaluator")
-    check_instrument(finished_result(sub.run_dir), cfg.metrics.get("evaluator_min_accuracy"), sub.run_dir)
+    # task's own clips (`evaluator_dataset`): one evaluator per data config, as for one object. The key leaves out
+    # empty `data` and unset `seed`, so the instrument's cache stays where it was before they existed.
+    key = {k: v for k, v in evaluator.items() if not (k == "data" and not v) and not (k == "seed" and v is None)}
+    sub = shared_asset_config(cfg, "train_evaluator", (clip_fields(data), key), settings)
+    what = "evaluator" if block == "evaluator" else f"{block} (FVD/FID/KID features)"
+    ckpt = train_shared_asset(sub, run_evaluator_training, what)
+    if block == "evaluator":
+        check_instrument(finished_result(sub.run_dir), cfg.metrics.get("evaluator_min_accuracy"), sub.run_dir)
     return ckpt
 
 
@@ -178,7 +218,8 @@ def check_instrument(result: dict | None, floor: float | None, run_dir) -> None:
     with one line instead. Checked each time the evaluator is used (trained now or found cached)."""
     if floor is None or result is None:
         return
-    accuracy = result["accuracy"]["test"]
+    # what it reads of the run's own data (`target`) when it trained on other data, else its held-out test clips
+    accuracy = result["accuracy"].get("target", result["accuracy"]["test"])
     weak = {k: v for k, v in accuracy.items() if k != "all" and v < float(floor)}
     if weak:
         worst = ", ".join(f"{k} {v:.3f}" for k, v in sorted(weak.items(), key=lambda kv: kv[1]))
