@@ -368,3 +368,14 @@ def test_encode_takes_the_vae_checkpoint_as_vae_ckpt(trained, capsys):
     sizes = [o for o in TINY if o.startswith("data.split_sizes")]
     assert main(["encode", f"vae_ckpt={vae}", f"outputs={outputs}", *sizes]) == 0
     assert "train: 64 clips" in capsys.readouterr().out
+
+
+def test_sweep_replicates_must_be_grid_axes(tmp_path, capsys):
+    """`replicates:` names grid axes pooled like seeds (data.seed); one that is no axis fails in one line, first."""
+    from sorabench.cli import main
+
+    assert main(["sweep", f"outputs={tmp_path}", "sweep=conditioning_ablation", "+sweep.replicates=[data.seed]",
+                 "mlflow.enabled=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: sweep.replicates=['data.seed']"), err
+    assert not (tmp_path / "train_vae").exists() and not (tmp_path / "optuna.db").exists()

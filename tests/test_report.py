@@ -585,6 +585,28 @@ def test_runs_of_different_protocols_are_never_pooled():
     assert check_protocols(mixed, ["strategy", "trainer.precision"])  # rows kept apart by it on purpose
 
 
+def test_data_seed_replicates_pool_only_where_the_split_differs_as_they_do():
+    """A sweep's `replicates: [data.seed]` draws the held-out compositions again: the real split's tag then differs
+    between data seeds and the runs are pooled; a split that differs within one data seed is still refused. Each
+    run's replicate label names both seeds, and the per-seed table has one column per replicate."""
+    from sorabench.report.markdown import per_seed_section
+    from sorabench.report.runs import check_protocols, replicate_labels
+
+    runs = pd.DataFrame({"strategy": ["a", "a", "b", "b"], "seed": [0, 0, 0, 0], "params.data.seed": ["0", "1", "0", "1"],
+                         "tags.eval.protocol.real_split": ["shapes:x/final", "shapes:y/final"] * 2, "m": [1, 2, 3, 4]})
+    with pytest.raises(ConfigError, match="real_split"):
+        check_protocols(runs, ["strategy"])  # not declared: refused as before
+    assert check_protocols(runs, ["strategy"], replicates=("data.seed",))
+    other = runs.assign(**{"tags.eval.protocol.real_split": ["shapes:x/final", "shapes:y/final", "shapes:z/final",
+                                                             "shapes:y/final"]})
+    with pytest.raises(ConfigError, match="real_split"):  # b's data.seed 0 split is not a's: another data config
+        check_protocols(other, ["strategy"], replicates=("data.seed",))
+    labelled = runs.assign(replicate=replicate_labels(runs, ("data.seed",)))
+    assert list(labelled.replicate[:2]) == ["seed 0, data.seed 0", "seed 0, data.seed 1"]
+    md = "\n".join(per_seed_section(labelled, ["m"], ["a", "b"]))
+    assert "| strategy | metric | seed 0, data.seed 0 | seed 0, data.seed 1 |" in md and "| b | m | 3 | 4 |" in md
+
+
 def test_report_prints_the_equivalence_test_at_declared_margins(store, capsys):
     outputs, _, _ = store
     assert main(report_cfg(outputs, f"study={STUDY}", "name=eq", 'margins=["eval/acc_all:0.5","eval/fvd:1.0"]')) == 0

@@ -303,4 +303,7 @@ def test_a_sweep_report_keeps_every_grid_axis_apart():
         return report_rows(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "sweep" / f"{name}.yaml")))
 
     assert rows("precision_parity") == ["strategy", "trainer.precision"]
+    replicated = {"mode": "grid", "params": {"conditioning": {}, "data.seed": {}, "dit.width": {}},
+                  "replicates": ["data.seed"]}
+    assert report_rows(replicated) == ["strategy", "dit.width"]  # a replicate axis is pooled like the seeds
     assert rows("conditioning_ablation") == rows("lr_search") == rows("conditioning_ablation_tuned") == ["strategy"]

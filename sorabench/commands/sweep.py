@@ -17,11 +17,13 @@ def main(cfg: DictConfig, subcommand: str | None = None) -> int:
 
 
 def report_rows(sweep: dict) -> list[str]:
-    """The report's group_by for a sweep: the strategy, and every other axis of a grid (a search's parameters are
-    continuous: one row per trial would compare nothing)."""
+    """The report's group_by for a sweep: the strategy, and every other axis of a grid but its `replicates` (pooled
+    like seeds, e.g. data.seed: another draw of the held-out compositions); a search's parameters are continuous:
+    one row per trial would compare nothing."""
     keys = ["strategy"]
     if sweep["mode"] == "grid":
-        keys += [k for k in sweep.get("params") or {} if k not in ("conditioning", "recipe")]
+        pooled = ("conditioning", "recipe", *(sweep.get("replicates") or []))
+        keys += [k for k in sweep.get("params") or {} if k not in pooled]
     return keys
 
 

@@ -14,7 +14,7 @@ from sorabench.report.guidance import GUIDANCE_KEY, GUIDANCE_PLOTS
 from sorabench.report.plots import Figures
 from sorabench.report.runs import Study, declared_protocol
 from sorabench.report.stats import ALPHA, finite, holm_family
-from sorabench.report.thresholds import threshold_section
+from sorabench.report.thresholds import replicate_order, threshold_section, with_replicates
 
 
 def render_markdown(title: str, header: list[str], a: Analysis, excluded: pd.DataFrame, figures: Figures,
@@ -164,21 +164,22 @@ def pairwise_section(tests: dict[str, pd.DataFrame]) -> list[str]:
 def per_seed_section(runs: pd.DataFrame, metrics: list[str], order: list, by: str = "strategy") -> list[str]:
     """Every run's value of the tested metrics, seed by seed: a mean ± CI hides a two-peaked outcome (a strategy
     that learns a skill on one seed of three), which the tests' normal approximation then misreads."""
-    if "seed" not in runs or runs.empty:
+    runs = with_replicates(runs)
+    if runs is None or runs.empty:
         return []
-    seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
+    columns = replicate_order(runs)
     rows = []
     for label in order:
         group = runs[runs[by] == label]
         for m in metrics:
             if m not in group:
                 continue
-            by_seed = {int(sd): v for sd, v in zip(group["seed"], group[m]) if pd.notna(sd)}
-            rows.append([str(label), m, *[fmt(by_seed.get(sd), 3) for sd in seeds]])
+            by_seed = dict(zip(group["replicate"], group[m]))
+            rows.append([str(label), m, *[fmt(by_seed.get(c), 3) for c in columns]])
     if not rows:
         return []
     return ["## Per seed", "", "Each run's value (read beside the intervals: a two-peaked outcome shows here).", "",
-            md_table([by, "metric", *[f"seed {sd}" for sd in seeds]], rows), ""]
+            md_table([by, "metric", *columns], rows), ""]
 
 
 def composition_section(comp: pd.DataFrame, by: str = "strategy") -> list[str]:

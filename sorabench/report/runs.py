@@ -120,17 +120,26 @@ def group_labels(runs: pd.DataFrame, keys: list[str]) -> pd.Series:
 PROTOCOL_TAG_PREFIX, PROTOCOL_PARAMS = "tags.eval.protocol.", ("params.trainer.precision",)
 
 
-def check_protocols(runs: pd.DataFrame, keys: list[str], exempt: tuple[str, ...] = ()) -> str:
+def check_protocols(runs: pd.DataFrame, keys: list[str], exempt: tuple[str, ...] = (),
+                    replicates: tuple[str, ...] = ()) -> str:
     """The hash of the protocol the runs share; a ConfigError naming the first field on which they differ (their
     numbers must not be pooled or ranked together), unless that field is a `group_by` key (then rows differ by it
-    on purpose) or `exempt` (a tuned recipe sets its own guidance scale: `cfg`)."""
+    on purpose) or `exempt` (a tuned recipe sets its own guidance scale: `cfg`). With `replicates` (data.seed: the
+    data drawn again), the real split may differ between replicates, and only as they do: runs of one replicate
+    value must share it."""
     columns = sorted(c for c in runs if c.startswith(PROTOCOL_TAG_PREFIX) or c in PROTOCOL_PARAMS)
     if "trainer.precision" in keys:  # the evaluation's precision tag is the run's trainer.precision
         exempt = (*exempt, "precision")
+    by_replicate = [f"params.{k}" for k in replicates if f"params.{k}" in runs]
     shared = {}
     for col in columns:
         values = sorted(set(runs[col].dropna().astype(str)))
         field = col.removeprefix(PROTOCOL_TAG_PREFIX).removeprefix("params.")
+        if field == "real_split" and by_replicate and len(values) > 1:
+            within = runs.groupby(by_replicate, dropna=False)[col].nunique()
+            if (within <= 1).all():  # the split's data differs exactly as the replicates do: pooled on purpose
+                shared[field] = values
+                continue
         if len(values) > 1 and col.removeprefix("params.") not in keys and field not in exempt:
             counts = ", ".join(f"{v!r} ({int((runs[col].astype(str) == v).sum())} runs)" for v in values[:4])
             raise ConfigError(f"eval protocol {field}: the runs were evaluated differently ({counts}); their numbers "
@@ -138,6 +147,16 @@ def check_protocols(runs: pd.DataFrame, keys: list[str], exempt: tuple[str, ...]
                               f"group_by=[strategy,{field}] for a logged config key)")
         shared[field] = values
     return hashlib.sha256(repr(sorted(shared.items())).encode()).hexdigest()[:12] if shared else "none logged"
+
+
+def replicate_labels(runs: pd.DataFrame, replicates: tuple[str, ...] = ()) -> pd.Series:
+    """Each run's replicate within its report row: its seed ('seed 0'), and the values of the sweep's `replicates`
+    axes ('seed 0, data.seed 1'): the per-seed tables' columns."""
+    label = "seed " + runs["seed"].astype(str) if "seed" in runs else pd.Series("run", index=runs.index)
+    for key in replicates:
+        if f"params.{key}" in runs:
+            label = label + f", {key} " + runs[f"params.{key}"].fillna("?").astype(str)
+    return label
 
 
 def sweep_config(parents: pd.DataFrame) -> dict:
@@ -243,9 +262,10 @@ def load_study(runs, experiment: str, study: str | None, keys: list[str], asked:
     children, parents = select_study_runs(frame, study)
     complete = children[children.state == COMPLETE]
     tuned = "tags.sorabench.recipe" in complete and (complete["tags.sorabench.recipe"] == "tuned").any()
-    protocol_hash = check_protocols(complete, keys, exempt=("cfg",) if tuned else ())
+    replicates = tuple(k for k in sweep_config(parents).get("replicates") or [] if k not in keys)
+    protocol_hash = check_protocols(complete, keys, exempt=("cfg",) if tuned else (), replicates=replicates)
     children = children.sort_values(["trial", "start_time"], na_position="last", kind="stable")
-    children = children.assign(group=group_labels(children, keys))
+    children = children.assign(group=group_labels(children, keys), replicate=replicate_labels(children, replicates))
     out = Study(experiment, study, children, parents, metrics, keys, protocol_hash)
     if out.complete.empty:
         detail = ", ".join(f"{n} {s}" for s, n in out.excluded.state.value_counts().items()) or "none"

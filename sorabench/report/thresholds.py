@@ -17,7 +17,25 @@ from sorabench.report.formatting import md_table
 from sorabench.report.runs import parse_margins
 from sorabench.report.stats import metric_direction
 
-COLUMNS = ["row", "run_id", "seed", "metric", "level", "step", "last_step"]
+COLUMNS = ["row", "run_id", "seed", "replicate", "metric", "level", "step", "last_step"]
+
+
+def with_replicates(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """`runs` with a `replicate` label per run ('seed 0', or 'seed 0, data.seed 1' where the sweep declares
+    `replicates`: `sorabench.report.runs.replicate_labels`); None when runs carry no seed."""
+    if "replicate" in runs:
+        return runs
+    if "seed" not in runs:
+        return None
+    return runs.assign(replicate=["seed " + str(int(s)) if pd.notna(s) else "seed ?" for s in runs["seed"]])
+
+
+def replicate_order(runs: pd.DataFrame) -> list[str]:
+    """The replicate labels in seed order (then by the other replicate axes)."""
+    first = runs.drop_duplicates("replicate")
+    key = [(int(s) if pd.notna(s) else 1 << 62, str(r)) for s, r in zip(first["seed"], first["replicate"])] \
+        if "seed" in first else [(0, str(r)) for r in first["replicate"]]
+    return [label for _, label in sorted(key)]
 
 
 def parse_thresholds(value) -> dict[str, float]:
@@ -31,7 +49,9 @@ def steps_to_threshold(histories: dict[str, pd.DataFrame], runs: pd.DataFrame, t
     metric where higher is better, <= otherwise, as `metric_direction` says), NaN if it never was; `last_step`
     is the run's last evaluated step (where a run that never reached it is censored)."""
     rows = []
-    seeds = dict(zip(runs["run_id"], runs["seed"])) if "seed" in runs else {}
+    runs = with_replicates(runs)
+    seeds = dict(zip(runs["run_id"], runs["seed"])) if runs is not None else {}
+    labels = dict(zip(runs["run_id"], runs["replicate"])) if runs is not None else {}
     for metric, level in thresholds.items():
         history = histories.get(metric)
         if history is None or history.empty:
@@ -41,7 +61,7 @@ def steps_to_threshold(histories: dict[str, pd.DataFrame], runs: pd.DataFrame, t
         h = h.drop_duplicates(["run_id", "step"], keep="last")  # a resumed run's step logged twice: the latest
         for run_id, points in h.groupby("run_id", sort=False):
             reached = points[points["value"] >= level] if higher else points[points["value"] <= level]
-            rows.append([points[by].iloc[0], run_id, seeds.get(run_id), metric, level,
+            rows.append([points[by].iloc[0], run_id, seeds.get(run_id), labels.get(run_id), metric, level,
                          int(reached["step"].iloc[0]) if len(reached) else float("nan"), int(points["step"].max())])
     return pd.DataFrame(rows, columns=COLUMNS).rename(columns={"row": by})
 
@@ -50,13 +70,13 @@ def threshold_section(table: pd.DataFrame, order: list, by: str = "strategy") ->
     """Markdown: per row and metric, each seed's step (or "not by <last>"), how many reached it and their median."""
     if table.empty:
         return []
-    seeds = sorted({int(s) for s in table["seed"].dropna()})
+    columns = replicate_order(table.dropna(subset=["replicate"]))
     lines = []
     for label in order:
         for (metric, level), group in table[table[by] == label].groupby(["metric", "level"], sort=False):
-            by_seed = {int(s): r for s, r in zip(group["seed"], group.itertuples()) if pd.notna(s)}
-            cells = [("-" if sd not in by_seed else f"{int(by_seed[sd].step):,}" if pd.notna(by_seed[sd].step)
-                      else f"not by {int(by_seed[sd].last_step):,}") for sd in seeds]
+            by_seed = {r.replicate: r for r in group.itertuples()}
+            cells = [("-" if c not in by_seed else f"{int(by_seed[c].step):,}" if pd.notna(by_seed[c].step)
+                      else f"not by {int(by_seed[c].last_step):,}") for c in columns]
             reached = group["step"].dropna()
             median = float(np.median(group["step"].fillna(np.inf)))  # a censored run: later than every step
             median = f"{median:,.0f}" if np.isfinite(median) else "-"
@@ -68,4 +88,4 @@ def threshold_section(table: pd.DataFrame, order: list, by: str = "strategy") ->
             "The first evaluated step at which each run reached the declared level (resolution: the evaluation "
             "interval; a run that never did is shown at its last evaluated step). The median counts censored runs "
             "as later than every step: '-' where half or more never reached the level.", "",
-            md_table([by, "level", *[f"seed {s}" for s in seeds], "reached", "median step"], lines), ""]
+            md_table([by, "level", *columns, "reached", "median step"], lines), ""]

@@ -75,6 +75,11 @@ def check_sweep(cfg: DictConfig, sweep: dict) -> tuple[DictConfig, int]:
     one leaves no half-made study behind). Returns (that trial's config, the number of trials to run)."""
     require(sweep.get("mode") in ("grid", "search"), "sweep.mode", sweep.get("mode"), "must be grid or search")
     parse_space(sweep)
+    replicates = sweep.get("replicates") or []
+    require(isinstance(replicates, list) and all(k in (sweep.get("params") or {}) and k not in ("conditioning", "recipe")
+                                                 for k in replicates) and (not replicates or sweep["mode"] == "grid"),
+            "sweep.replicates", replicates, "must list grid axes of `params` (e.g. data.seed) other than "
+            "conditioning and recipe: they are pooled in the report as replicates, like seeds")
     target = target_trials(cfg, sweep)
     worker_threads(cfg)  # checked now, not after the shared VAE has trained
     probe = grid_space(sweep) if sweep["mode"] == "grid" else {}
