@@ -275,3 +275,34 @@ def test_a_dataset_registered_outside_the_package(tmp_path):
 
     with pytest.raises(ConfigError, match="toy_typo"):
         build_dataset({"name": "toy_typo"}, "val")
+
+
+FORKED_LOADER = """
+import sys
+from sorabench.data.module import VideoDataModule
+if __name__ == "__main__":
+    cfg = {"name": "folder", "root": sys.argv[1], "num_frames": 8, "height": 32, "width": 32, "val_fraction": 0.0,
+           "test_fraction": 0.0, "batch_size": 2, "num_workers": 2}
+    dm = VideoDataModule(cfg)
+    train = dm.dataset("train")
+    train[0]  # decoded in the parent first, as a run does (probe, real statistics, a preview)
+    loader = dm.train_dataloader()
+    print(loader.multiprocessing_context.get_start_method(), sum(len(b["caption"]) for b in loader))
+"""
+
+
+def test_folder_loader_workers_do_not_hang_after_the_parent_decoded(tmp_path):
+    """data=folder's default num_workers=2: workers forked from a process that has decoded with PyAV deadlocked (3 of
+    3 runs, 60 s timeout, before the fix); they now fork from a clean server process and read every clip."""
+    import subprocess
+    import sys
+
+    for i in range(6):
+        write_video(tmp_path / f"c{i}.mp4", moving_square())
+    rows = [{"video": f"c{i}.mp4", "caption": f"clip {i}"} for i in range(6)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    script = tmp_path / "load.py"
+    script.write_text(FORKED_LOADER)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["forkserver", "6"]

@@ -8,7 +8,8 @@ loader's `batch_size` / `num_workers`. It declares:
 - `attributes`: its label schema, {attribute: number of values} in `labels` column order ({} without labels); the
   evaluator's heads, the alignment metric and the report's attribute tables follow it;
 - optionally `collate` (the DataLoader's collate_fn), `fingerprint` (what its clips depend on beyond the config,
-  for cache keys) and `check` (cheap checks `sorabench train` runs before training).
+  for cache keys), `check` (cheap checks `sorabench train` runs before training) and `worker_start` (how its
+  DataLoader workers start: "spawn" where forking the parent is unsafe).
 Items are dicts: `video` (3, T, H, W) in [-1, 1], `caption` str, `labels` (A,) long, `unseen` bool.
 
 A built-in dataset lives in `sorabench/data/<name>.py` and is imported the first time `data=<name>` is asked for,
@@ -30,6 +31,9 @@ class VideoDataset(torch.utils.data.Dataset):
     config: type
     attributes: dict[str, int] = {}
     collate = None  # None: torch's default collation
+    # How DataLoader workers start (`data.num_workers` > 0): None is the platform's default (fork on Linux). A dataset
+    # that decodes files in the parent (PyAV/FFmpeg threads) needs "spawn": a worker forked from it can deadlock.
+    worker_start: str | None = None
 
     def __init__(self, cfg, split: str, train: bool | None = None):
         """One split; `train` (default: split == "train") turns on training-time augmentation where there is any."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +179,17 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tens
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
+multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])  # before the server starts
+
+
 @register("folder")
 class FolderDataset(VideoDataset):
     config = FolderConfig
     attributes: dict[str, int] = {}  # the label schema: captions only, no attribute labels
+    # The parent has opened files with PyAV (probe, decode): a DataLoader worker forked from it can deadlock in
+    # FFmpeg (measured: data.num_workers=2, the default, hung every run of three). Workers fork from a server process
+    # that has imported this module (torch, PyAV) but never decoded: clean, and cheaper to start than spawned ones.
+    worker_start = "forkserver"
 
     def __init__(self, cfg: FolderConfig, split: str, train: bool | None = None):
         self.cfg, self.split = cfg, split
