@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11+ only), then runs:
 #   ./dev.sh ablation [overrides]   the embedded conditioning ablation (the main job)
+#   ./dev.sh binding [overrides]    the two-object binding comparison (tuning on val, then the final split)
 #   ./dev.sh test [pytest args]     the whole test suite
 #   ./dev.sh <sorabench command>    anything else, e.g. ./dev.sh train conditioning=cross_attention
 # Environment: TORCH_SPEC (default torch==2.13.0, the CPU build; e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
@@ -31,6 +32,9 @@ fi
 case "${1:-}" in
   ablation) shift; exec "$VENV/bin/sorabench" sweep sweep=conditioning_ablation "$@" ;;
   ablation-long) shift; exec "$VENV/bin/sorabench" sweep sweep=conditioning_ablation_long "$@" ;;
+  # The binding comparison under the reviewer's protocol: equal tuning on val, then 3 seeds on the final split.
+  binding) shift; "$VENV/bin/sorabench" sweep sweep=binding_tune "$@"
+           exec "$VENV/bin/sorabench" sweep sweep=binding_ablation_tuned "$@" ;;
   test) shift; exec "$VENV/bin/python" -m pytest "$@" ;;
   "") exec "$VENV/bin/sorabench" --help ;;
   *) exec "$VENV/bin/sorabench" "$@" ;;
