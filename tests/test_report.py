@@ -735,3 +735,24 @@ def test_report_prints_steps_to_declared_thresholds(store):
     assert len(steps) == 12 and set(steps.columns) >= {"strategy", "seed", "metric", "level", "step", "last_step"}
     with pytest.raises(ConfigError, match="thresholds.eval/fvd='x': must be a number"):
         main(report_cfg(outputs, f"study={STUDY}", "name=thr2", 'thresholds=["eval/fvd:x"]'))
+
+
+def test_a_misspelt_group_by_key_is_named_before_any_protocol_check(tmp_path):
+    """Runs kept apart on purpose by a grid axis (precision) and a typo in that key: the error names the typo, not
+    the protocol field the runs differ on (which the right key would have allowed)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("px", artifact_location=str(tmp_path / "mlartifacts"))
+    pid = client.create_run(exp, run_name="px", tags={"sorabench.role": "study", "sorabench.study": "px"}).info.run_id
+    for i, precision in enumerate(["32-true", "bf16-mixed"]):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": pid, "sorabench.strategy": "a", "optuna.state":
+                                           "COMPLETE", "optuna.trial_number": str(i),
+                                           "eval.protocol.precision": precision})
+        client.log_batch(run.info.run_id, metrics=[Metric("eval/fvd", 10.0 + i, 0, 0)],
+                         params=[Param("seed", "0"), Param("trainer.precision", precision)])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    assert main(report_cfg(tmp_path, "study=px", "group_by=[strategy,trainer.precision]")) == 0
+    with pytest.raises(ConfigError, match=r"group_by='trainer.precison': no run logged this config key"):
+        main(report_cfg(tmp_path, "study=px", "group_by=[strategy,trainer.precison]"))
