@@ -9,7 +9,7 @@ loader's `batch_size` / `num_workers`. It declares:
   evaluator's heads, the alignment metric and the report's attribute tables follow it;
 - optionally `collate` (the DataLoader's collate_fn), `fingerprint` (what its clips depend on beyond the config,
   for cache keys), `check` (cheap checks `sorabench train` runs before training) and `worker_start` (how its
-  DataLoader workers start: "spawn" where forking the parent is unsafe).
+  DataLoader workers start: "forkserver" or "spawn" where forking the parent is unsafe).
 Items are dicts: `video` (3, T, H, W) in [-1, 1], `caption` str, `labels` (A,) long, `unseen` bool.
 
 A built-in dataset lives in `sorabench/data/<name>.py` and is imported the first time `data=<name>` is asked for,
@@ -32,7 +32,8 @@ class VideoDataset(torch.utils.data.Dataset):
     attributes: dict[str, int] = {}
     collate = None  # None: torch's default collation
     # How DataLoader workers start (`data.num_workers` > 0): None is the platform's default (fork on Linux). A dataset
-    # that decodes files in the parent (PyAV/FFmpeg threads) needs "spawn": a worker forked from it can deadlock.
+    # that decodes files in the parent (PyAV/FFmpeg threads) needs a clean start ("forkserver" or "spawn"): a worker
+    # forked from it can deadlock.
     worker_start: str | None = None
 
     def __init__(self, cfg, split: str, train: bool | None = None):

@@ -89,7 +89,7 @@ class VideoDataModule(L.LightningDataModule):
         # The generator is seeded from the global RNG, which `seed_everything(seed, workers=True)` sets, so the
         # shuffle order and each worker's augmentation stream are reproducible.
         seed = int(torch.randint(2**31 - 1, (1,)))
-        start = dataset_class(self.data_cfg.get("name")).worker_start if self.num_workers > 0 else None
+        cls = dataset_class(self.data_cfg.get("name"))
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -97,8 +97,8 @@ class VideoDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            multiprocessing_context=start,
-            collate_fn=dataset_class(self.data_cfg.get("name")).collate,
+            multiprocessing_context=cls.worker_start if self.num_workers > 0 else None,
+            collate_fn=cls.collate,
             generator=torch.Generator().manual_seed(seed),
         )
 

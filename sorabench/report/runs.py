@@ -263,10 +263,10 @@ def load_study(runs, experiment: str, study: str | None, keys: list[str], asked:
     complete = children[children.state == COMPLETE]
     tuned = "tags.sorabench.recipe" in complete and (complete["tags.sorabench.recipe"] == "tuned").any()
     replicates = tuple(k for k in sweep_config(parents).get("replicates") or [] if k not in keys)
-    group_labels(children, keys)  # a group_by key no run logged (a typo) is named first, before any protocol check
+    groups = group_labels(children, keys)  # a group_by key no run logged (a typo) is named before any protocol check
     protocol_hash = check_protocols(complete, keys, exempt=("cfg",) if tuned else (), replicates=replicates)
     children = children.sort_values(["trial", "start_time"], na_position="last", kind="stable")
-    children = children.assign(group=group_labels(children, keys), replicate=replicate_labels(children, replicates))
+    children = children.assign(group=groups, replicate=replicate_labels(children, replicates))  # aligned by index
     out = Study(experiment, study, children, parents, metrics, keys, protocol_hash)
     if out.complete.empty:
         detail = ", ".join(f"{n} {s}" for s, n in out.excluded.state.value_counts().items()) or "none"
